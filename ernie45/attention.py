@@ -1,0 +1,74 @@
+"""Grouped-query self-attention and the one method through which it talks to a KV cache.
+
+The attention module projects q/k/v, applies interleaved RoPE, and then either computes plain causal
+attention (no cache) or hands q/k/v to ``cache.attention(layer_idx, q, k, v, positions)``. The cache
+decides where K/V live (contiguous, paged, sharded) and returns the attention output; the model never
+knows which. Causality is defined by *positions*, not by array offsets, so any cache layout works.
+
+Numerics follow eager transformers (spec §2.4): scores = (Q K^T) * Dh^-0.5 in the activation dtype,
+masked, softmax in fp32, cast back, then @ V. KV head j serves query heads [j*G, (j+1)*G) (G = Nq/Nkv).
+
+Shape legend: B batch, T new tokens, S key positions, Nq/Nkv heads, Dh head_dim, D hidden.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .layers import apply_rope
+
+
+class AttentionCache(Protocol):
+    """What attention needs from a cache: store this step's K/V and attend over everything visible."""
+
+    def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  positions: torch.Tensor) -> torch.Tensor:
+        """q [B,T,Nq,Dh], k/v [B,T,Nkv,Dh] (post-RoPE), positions [B,T] -> out [B,T,Nq,Dh]."""
+        ...
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+           k_pos: torch.Tensor) -> torch.Tensor:
+    """Reference GQA attention: query at position p sees keys at positions <= p.
+
+    q [B,T,Nq,Dh], k/v [B,S,Nkv,Dh], q_pos [B,T], k_pos [B,S] -> [B,T,Nq,Dh]
+    Keys with a negative position are treated as empty slots and never attended.
+    """
+    groups = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(groups, dim=2).transpose(1, 2)  # [B, Nq, S, Dh]
+    v = v.repeat_interleave(groups, dim=2).transpose(1, 2)  # [B, Nq, S, Dh]
+    scores = torch.matmul(q.transpose(1, 2), k.transpose(2, 3)) * q.shape[-1] ** -0.5  # [B, Nq, T, S]
+    visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)  # [B, T, S]
+    scores = scores.masked_fill(~visible[:, None], torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v).transpose(1, 2)  # [B, T, Nq, Dh]
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections without biases; names match `self_attn.{q,k,v,o}_proj` in checkpoints."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.q_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                cache: AttentionCache | None = None) -> torch.Tensor:
+        """x [B,T,D], cos/sin [B,T,Dh], positions [B,T] -> [B,T,D]"""
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if cache is None:
+            out = attend(q, k, v, positions, positions)
+        else:
+            out = cache.attention(self.layer_idx, q, k, v, positions)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))

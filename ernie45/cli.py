@@ -1,0 +1,155 @@
+"""The one `ernie45` entry point. Each subcommand is a plain function taking parsed args, returning an exit code.
+
+Errors a user can fix (bad path, bad config, bad flag value) print one clear line to stderr and exit 2;
+they never end in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+# Feature modules that add their own subcommand through `register_cli(subparsers)`.
+PLUGIN_MODULES = ("ernie45.plan_cli",)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .config import resolve_config
+    from .params import count_params
+
+    cfg = resolve_config(args.model)
+    info = {"config": cfg.to_dict(), **count_params(cfg)}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    c = info["config"]
+    print(f"{args.model}: {c['model_type']}, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+          f"heads {c['num_attention_heads']}/{c['num_key_value_heads']} x {c['head_dim']}, vocab {c['vocab_size']}")
+    if cfg.is_moe:
+        print(f"  MoE layers {len(c['moe_layers'])} ({c['moe_layers'][0]}..{c['moe_layers'][-1]}), "
+              f"{cfg.moe_num_experts} experts top-{cfg.moe_k} width {cfg.moe_intermediate_size}, "
+              f"{cfg.moe_num_shared_experts} shared")
+    for key in ("params_total", "params_active", "params_mtp"):
+        print(f"  {key:14s} {info[key]:>18,d}  ({info[key] / 1e9:.2f} B)")
+    return 0
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
+    if args.prompt_ids is not None:
+        try:
+            return [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise SystemExit(f"ernie45: --prompt-ids must be comma-separated integers, got {args.prompt_ids!r}")
+    if tokenizer is None:
+        raise SystemExit(f"ernie45: --prompt needs tokenizer files in {args.model} (tokenizer.model or "
+                         "tokenizer.json); use --prompt-ids instead")
+    if args.chat:
+        return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]))
+    return tokenizer.encode(args.prompt)
+
+
+def _load_tokenizer(path: Path):
+    if not any((path / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+        return None
+    from .tokenizer import Tokenizer
+    return Tokenizer.from_dir(path)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import GenerationConfig, generate_stream
+    from .weights import load_model
+
+    model = load_model(args.model, dtype=args.dtype)
+    tokenizer = _load_tokenizer(Path(args.model)) if args.prompt is not None else None
+    ids = _prompt_ids(args, tokenizer)
+    gcfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop_token_ids=() if args.ignore_eos else None)
+    stream = generate_stream(model, ids, gcfg)
+    if args.json or tokenizer is None:
+        out = list(stream)
+        print(json.dumps({"token_ids": out}) if args.json else ",".join(map(str, out)))
+        return 0
+    from .tokenizer import IncrementalDetokenizer
+    detok = IncrementalDetokenizer(tokenizer)
+    for token in stream:
+        sys.stdout.write(detok.add(token))
+        sys.stdout.flush()
+    sys.stdout.write(detok.flush() + "\n")
+    return 0
+
+
+def cmd_random_checkpoint(args: argparse.Namespace) -> int:
+    from .config import resolve_config
+    from .model import build_model, init_random
+    from .weights import save_checkpoint
+
+    cfg = resolve_config(args.like)
+    model = init_random(build_model(cfg), seed=args.seed)
+    out = save_checkpoint(model, args.out)
+    print(f"wrote a randomly initialised {args.like} checkpoint to {out} (random weights: output is noise)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ernie45", description="Run Baidu's ERNIE 4.5 models (MoE and dense) "
+                                "from their Hugging Face -PT checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", help="config and parameter counts of a preset or checkpoint")
+    info.add_argument("model", help="checkpoint directory or preset name (e.g. ERNIE-4.5-300B-A47B)")
+    info.add_argument("--json", action="store_true", help="print JSON (normalised config + params_*)")
+    info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="generate tokens with the reference loop (greedy or sampled)")
+    gen.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,5,9")
+    src.add_argument("--prompt", help="prompt text (needs tokenizer files in the checkpoint); streams text")
+    gen.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template as a user turn")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    gen.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), float32, bfloat16, float16")
+    gen.add_argument("--json", action="store_true", help='print {"token_ids": [...]} (new tokens only)')
+    gen.set_defaults(func=cmd_generate)
+
+    rnd = sub.add_parser("random-checkpoint", help="write a randomly initialised checkpoint (official layout)")
+    rnd.add_argument("out", help="output directory")
+    rnd.add_argument("--like", default="mini-300B-A47B", help="preset or checkpoint whose config to use "
+                     "(default: mini-300B-A47B, a miniature of the 300B structure)")
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.set_defaults(func=cmd_random_checkpoint)
+
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register_cli(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .safetensors_mmap import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"ernie45 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
