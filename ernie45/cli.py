@@ -47,7 +47,7 @@ def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
         raise SystemExit(f"ernie45: --prompt needs tokenizer files in {args.model} (tokenizer.model or "
                          "tokenizer.json); use --prompt-ids instead")
     if args.chat:
-        return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]))
+        return tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     return tokenizer.encode(args.prompt)
 
 
@@ -75,9 +75,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .tokenizer import IncrementalDetokenizer
     detok = IncrementalDetokenizer(tokenizer)
     for token in stream:
-        sys.stdout.write(detok.add(token))
+        sys.stdout.write(detok.feed(token))
         sys.stdout.flush()
-    sys.stdout.write(detok.flush() + "\n")
+    sys.stdout.write(detok.finish() + "\n")
     return 0
 
 

@@ -35,7 +35,9 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     """inv_freq_i = theta^(-2i/Dh) in fp32, i = 0..Dh/2-1.  # [Dh/2]"""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # Explicit CPU: under a meta-device build, meta arithmetic would import torch._dynamo (seconds).
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    return 1.0 / (theta ** exponent)
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,7 +50,9 @@ class Ernie45Model(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # _weight skips nn.Embedding's random init (on meta it would import torch._dynamo: seconds).
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, m) for i, m in enumerate(cfg.moe_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         n_mtp, D = cfg.num_nextn_predict_layers, cfg.hidden_size

@@ -54,3 +54,26 @@ def test_user_errors_exit_2_with_message(tmp_path):
     assert proc.returncode == 2 and "no config.json" in proc.stderr
     proc = run("generate", "--model", str(tmp_path), "--prompt", "hi", check=False)
     assert proc.returncode == 2
+
+
+def test_prompt_text_streams_and_chat(tmp_path):
+    """--prompt with tokenizer files: the streamed text equals decoding the --json token ids."""
+    from test_tokenizer import CORPUS
+
+    from ernie45.config import preset
+    from ernie45.model import build_model, init_random
+    from ernie45.tokenizer_train import train_sentencepiece
+    from ernie45.weights import save_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    tok = train_sentencepiece(CORPUS, 400, ckpt)
+    cfg = preset("mini-300B-A47B").replace(vocab_size=len(tok), num_hidden_layers=3, moe_layer_end_index=2)
+    save_checkpoint(init_random(build_model(cfg), seed=2, std=0.3), ckpt)
+    common = ["--model", str(ckpt), "--max-new-tokens", "10", "--ignore-eos"]
+    text = run("generate", "--prompt", "The river", *common).stdout
+    ids = json.loads(run("generate", "--prompt-ids", ",".join(map(str, tok.encode("The river"))), "--json",
+                         *common).stdout)["token_ids"]
+    assert text == tok.decode(ids) + "\n"
+    chat_ids = tok.encode_chat([{"role": "user", "content": "The river"}])
+    chat = json.loads(run("generate", "--prompt-ids", ",".join(map(str, chat_ids)), "--json", *common).stdout)
+    assert run("generate", "--prompt", "The river", "--chat", *common).stdout == tok.decode(chat["token_ids"]) + "\n"
