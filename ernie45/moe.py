@@ -67,19 +67,24 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [T,D], w [T,K] (x.dtype), idx [T,K] -> sum_k w_k * E_idx_k(x)  [T,D]"""
-        K = idx.shape[1]
-        flat = idx.flatten()  # [T*K]
-        order = torch.argsort(flat, stable=True)  # grouped by expert id, ascending
-        token = order // K  # [T*K] source token of each sorted slot
-        weight = w.flatten()[order]  # [T*K]
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx.shape[1])  # [T*K]
+        return self.grouped(x, token, idx.flatten(), w.flatten())
+
+    def grouped(self, x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Sum over (token, expert, weight) pairs [P] of weight * E_expert(x[token]) -> [T, D].
+
+        Expert ids index this module's stacked tensors. Pairs are grouped by expert (stable sort, so
+        ascending token within an expert) and each expert runs once on all of its tokens.
+        """
+        order = torch.argsort(expert, stable=True)  # [P]
+        token, weight = token[order], weight[order]
+        counts = torch.bincount(expert, minlength=self.gate_proj.shape[0]).tolist()
         out = torch.zeros_like(x)
         start = 0
         for e, n in enumerate(counts):  # loop over experts that received tokens, never over tokens
             if n:
                 rows = slice(start, start + n)
-                y = self.expert(e, x[token[rows]]) * weight[rows, None]  # [n, D]
-                out.index_add_(0, token[rows], y)
+                out.index_add_(0, token[rows], self.expert(e, x[token[rows]]) * weight[rows, None])
                 start += n
         return out
 

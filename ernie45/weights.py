@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 from tqdm import tqdm
@@ -33,16 +33,30 @@ PROGRESS_BYTES = 256 * 1024 * 1024  # show a progress bar above this much checkp
 
 
 # ---- name table -------------------------------------------------------------------------------
-def native_sources(model: Ernie45ForCausalLM) -> dict[str, list[str]]:
+def native_sources(model: torch.nn.Module) -> dict[str, list[str]]:
     """native parameter name -> checkpoint names it is made of (E names for stacked experts, else 1)."""
-    return {name: sources_of(name, p) for name, p in model.named_parameters()}
+    return {name: sources_of(name, p, _first_expert(model, name)) for name, p in model.named_parameters()}
 
 
-def sources_of(native: str, p: torch.Tensor) -> list[str]:
-    prefix, _, leaf = native.rpartition(".")
-    if prefix.endswith(".mlp.experts") and leaf in EXPERT_PROJS:
-        return [f"{prefix}.{e}.{leaf}.weight" for e in range(p.shape[0])]
+def sources_of(native: str, p: torch.Tensor, first_expert: int = 0) -> list[str]:
+    """`P.mlp.experts.{proj}` <- `P.mlp.experts.{e}.{proj}.weight`; `P.mlp.experts.{proj}.{leaf}` (a quantized
+    expert tensor) <- `P.mlp.experts.{e}.{proj}.{leaf}`; anything else maps to itself.
+
+    `first_expert` is the global id of local expert 0 (non-zero when expert parallelism splits them).
+    """
+    parts = native.split(".")
+    for j, leaf in ((-1, ["weight"]), (-2, [])):  # j: index of the projection name
+        if len(parts) >= 2 - j and parts[j] in EXPERT_PROJS and parts[j - 1:j - 3:-1] == ["experts", "mlp"]:
+            prefix, rest = ".".join(parts[:j]), ".".join(parts[j:] + leaf)
+            return [f"{prefix}.{first_expert + e}.{rest}" for e in range(p.shape[0])]
     return [native]
+
+
+def _first_expert(model: torch.nn.Module, native: str) -> int:
+    if ".mlp.experts." not in native:
+        return 0
+    experts = model.get_submodule(native[:native.index(".mlp.experts.") + len(".mlp.experts")])
+    return getattr(experts, "first_expert", 0)
 
 
 def tolerated_extra(cfg: ModelConfig, name: str) -> bool:
@@ -81,7 +95,7 @@ def check_keys(model: Ernie45ForCausalLM, shapes: dict[str, tuple[int, ...]]) ->
     cfg, expected = model.config, {}
     params = dict(model.named_parameters())
     for native, sources in native_sources(model).items():
-        shape = tuple(params[native].shape[1:] if len(sources) > 1 else params[native].shape)
+        shape = tuple(params[native].shape[1:] if sources != [native] else params[native].shape)
         expected.update({s: shape for s in sources})
     problems = [f"missing: {k} {list(v)}" for k, v in expected.items() if k not in shapes]
     for k, shape in shapes.items():
@@ -106,11 +120,23 @@ def resolve_dtype(dtype: torch.dtype | str | None, cfg: ModelConfig) -> torch.dt
     return resolved
 
 
+class LoadTransform(Protocol):
+    """Changes the model between the strict key check and filling (e.g. a tensor/expert-parallel plan)."""
+
+    def prepare(self, model: Ernie45ForCausalLM) -> None:
+        """Replace or resize modules of the meta model in place (local shapes)."""
+
+    def source_slice(self, native: str) -> tuple[int, int, int] | None:
+        """(dim, start, stop) of each checkpoint tensor feeding `native` that this process reads, or None."""
+
+
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu",
-               progress: bool | None = None) -> Ernie45ForCausalLM:
+               progress: bool | None = None, transform: LoadTransform | None = None) -> Ernie45ForCausalLM:
     """Build an ERNIE 4.5 model on meta and load a checkpoint directory into it, strictly.
 
     dtype: None/'auto' = the checkpoint's `torch_dtype`; router weight and correction bias stay fp32.
+    A quantized checkpoint (`quantization_config` in config.json) gets its quantized modules swapped in
+    on meta first. `transform` (a parallel plan) then shards modules; each process reads only its slices.
     """
     path = Path(path)
     if not path.is_dir():
@@ -118,6 +144,10 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
                               "and model.safetensors")
     cfg = ModelConfig.from_file(path)
     model = build_model(cfg, resolve_dtype(dtype, cfg))
+    if cfg.quantization_config:
+        from .quant import apply_quant_config  # the quantized weight format (issue: quantization)
+
+        apply_quant_config(model, cfg.quantization_config)
     files = checkpoint_files(path)
     readers = {f: SafetensorsFile(f) for f in set(files.values())}
     try:
@@ -126,7 +156,9 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         if problems:
             raise CheckpointError(f"checkpoint {path} does not match its config.json ({len(problems)} problem(s)):\n  "
                                   + "\n  ".join(problems))
-        _fill(model, located, device, progress)
+        if transform is not None:
+            transform.prepare(model)
+        _fill(model, located, device, progress, transform)
     finally:
         for r in readers.values():
             r.close()
@@ -146,26 +178,35 @@ def _locate(files: dict[str, Path], readers: dict[Path, SafetensorsFile]) -> dic
     return located
 
 
-def _fill(model: Ernie45ForCausalLM, located: dict[str, SafetensorsFile], device: str, progress: bool | None):
-    total = sum(r.tensors[k].nbytes for k, r in located.items())
+def _fill(model: Ernie45ForCausalLM, located: dict[str, SafetensorsFile], device: str, progress: bool | None,
+          transform: LoadTransform | None = None):
+    """Allocate each parameter once in its final dtype and copy its (sliced) sources into it."""
+    params = dict(model.named_parameters())
+    plan = {native: (sources, transform.source_slice(native) if transform else None)
+            for native, sources in native_sources(model).items()}
+    total = sum(located[s].tensors[s].nbytes for sources, _ in plan.values() for s in sources)
     show = total >= PROGRESS_BYTES if progress is None else progress
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show)
-    params = dict(model.named_parameters())
     with torch.no_grad():
-        for native, sources in native_sources(model).items():
+        for native, (sources, cut) in plan.items():
             meta = params[native]
             out = torch.empty(meta.shape, dtype=meta.dtype, device=device)
             for i, src in enumerate(sources):
-                reader = located[src]
-                t = reader.view(src)
-                if is_transposed_mtp_proj(src, tuple(t.shape), model.config):
-                    t = t.t()
-                (out[i] if len(sources) > 1 else out).copy_(t)
-                del t
-                reader.release(src)
-                bar.update(reader.tensors[src].nbytes)
+                (out[i] if sources != [native] else out).copy_(_read(located[src], src, cut, model.config))
+                located[src].release(src)
+                bar.update(located[src].tensors[src].nbytes)
             _set_param(model, native, out)
     bar.close()
+
+
+def _read(reader: SafetensorsFile, name: str, cut: tuple[int, int, int] | None, cfg: ModelConfig) -> torch.Tensor:
+    """A zero-copy view of a checkpoint tensor (transposed if it is the 300B's [2H, H] MTP proj), sliced."""
+    if cut is not None and cut[0] == 0 and not is_transposed_mtp_proj(name, reader.tensors[name].shape, cfg):
+        return reader.view(name, rows=slice(cut[1], cut[2]))  # contiguous rows: touch only their pages
+    t = reader.view(name)
+    if is_transposed_mtp_proj(name, tuple(t.shape), cfg):
+        t = t.t()
+    return t if cut is None else t.narrow(cut[0], cut[1], cut[2] - cut[1])
 
 
 def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -179,9 +220,9 @@ def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 def hf_state_dict(model: Ernie45ForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
     """Native parameters -> (checkpoint name, tensor) in the official layout (experts unstacked)."""
     for native, p in model.named_parameters():
-        sources = sources_of(native, p)
+        sources = sources_of(native, p, _first_expert(model, native))
         for i, src in enumerate(sources):
-            yield src, (p[i] if len(sources) > 1 else p).detach().contiguous()
+            yield src, (p[i] if sources != [native] else p).detach().contiguous()
 
 
 def save_checkpoint(model: Ernie45ForCausalLM, out_dir: str | Path, dtype: torch.dtype | None = None,
