@@ -139,12 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
-    from .safetensors_mmap import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"ernie45 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:
