@@ -10,7 +10,7 @@ import importlib
 
 _EXPORTS = {
     "ConfigError": "config", "ModelConfig": "config", "preset": "config", "resolve_config": "config",
-    "GenerationConfig": "generate", "generate": "generate", "generate_stream": "generate",
+    "GenerationConfig": "generation", "generate": "generation", "generate_stream": "generation",
     "Ernie45ForCausalLM": "model", "build_model": "model",
     "CheckpointError": "safetensors_mmap",
     "load_model": "weights", "save_checkpoint": "weights",

@@ -59,7 +59,7 @@ def _load_tokenizer(path: Path):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import GenerationConfig, generate_stream
+    from .generation import GenerationConfig, generate_stream
     from .weights import load_model
 
     model = load_model(args.model, dtype=args.dtype)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ernie45 import GenerationConfig, generate, load_model
-from ernie45.generate import sample_token
+from ernie45.generation import sample_token
 
 
 def test_cached_decode_equals_full_recompute(hf_checkpoint):
