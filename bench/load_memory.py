@@ -23,12 +23,17 @@ CONFIG = dict(model_type="ernie4_5_moe", vocab_size=32000, hidden_size=1024, int
               moe_intermediate_size=512, moe_num_shared_experts=0, moe_layer_start_index=1,
               tie_word_embeddings=False, torch_dtype="bfloat16")
 
+# VmHWM (this address space's peak RSS) rather than ru_maxrss: Linux carries ru_maxrss across
+# fork+exec, so a child would report its parent's peak.
 CHILD = """
-import json, resource, sys, torch
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+import json, sys, torch
+def status(key):
+    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
 from ernie45 import load_model
+before = status("VmHWM")
 model = load_model(sys.argv[1], dtype=sys.argv[2], progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps({"rss_before_load": before, "rss_peak": peak, "weight_bytes": weights}))
 """
