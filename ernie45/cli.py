@@ -58,16 +58,42 @@ def _load_tokenizer(path: Path):
     return Tokenizer.from_dir(path)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import GenerationConfig, generate_stream
+def _load_for_launch(args: argparse.Namespace):
+    """Load the model, sharded over the torchrun job when --tp/--ep ask for it. Returns (model, rank)."""
     from .weights import load_model
 
-    model = load_model(args.model, dtype=args.dtype)
+    if args.tp * args.ep == 1:
+        return load_model(args.model, dtype=args.dtype), 0
+    from .distributed import init_parallel
+
+    plan = init_parallel(args.tp, args.ep, args.dist_timeout)
+    return load_model(args.model, dtype=args.dtype, transform=plan), plan.rank
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.tp * args.ep == 1:
+        return _generate(args)
+    from .distributed import DistributedError, report_failure
+
+    try:
+        return _generate(args)
+    except DistributedError as e:
+        return report_failure(e)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generation import GenerationConfig, generate_stream
+
+    model, rank = _load_for_launch(args)
     tokenizer = _load_tokenizer(Path(args.model)) if args.prompt is not None else None
     ids = _prompt_ids(args, tokenizer)
     gcfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop_token_ids=() if args.ignore_eos else None)
     stream = generate_stream(model, ids, gcfg)
+    if rank != 0:  # every rank computes (replicated activations); rank 0 speaks
+        for _ in stream:
+            pass
+        return 0
     if args.json or tokenizer is None:
         out = list(stream)
         print(json.dumps({"token_ids": out}) if args.json else ",".join(map(str, out)))
@@ -91,6 +117,14 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     out = save_checkpoint(model, args.out)
     print(f"wrote a randomly initialised {args.like} checkpoint to {out} (random weights: output is noise)")
     return 0
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism (launch with torchrun --nproc-per-node TP*EP -m ernie45 ...)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (attention heads, MLP widths)")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (routed experts split evenly)")
+    g.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="seconds to wait for the rendezvous and for any collective before failing (default 300)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     gen.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), float32, bfloat16, float16")
     gen.add_argument("--json", action="store_true", help='print {"token_ids": [...]} (new tokens only)')
+    add_parallel_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     rnd = sub.add_parser("random-checkpoint", help="write a randomly initialised checkpoint (official layout)")

@@ -96,7 +96,11 @@ class Ernie45ForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Pre-norm hidden [B,T,D] -> logits [B,T,V] (final norm, then the tied or untied head)."""
-        return F.linear(self.model.norm(hidden), self.head_weight())
+        return self.project(self.model.norm(hidden))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The head alone: normed hidden [B,T,D] -> logits [B,T,V]. A parallel plan may replace it."""
+        return F.linear(x, self.head_weight())
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: AttentionCache | None = None) -> torch.Tensor:

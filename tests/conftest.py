@@ -31,11 +31,20 @@ CONFIGS = {
                                         moe_layer_end_index=2, tie_word_embeddings=False)),
 }
 
+# Widths divisible by 2 so TP=2 / EP=2 plans apply (tests/test_distributed.py).
+PARALLEL = {
+    "moe_shared_parallel": ("moe", dict(COMMON, initializer_range=0.1, intermediate_size=64, num_hidden_layers=3, moe_num_experts=8, moe_k=3,
+                                        moe_intermediate_size=12, moe_num_shared_experts=2, moe_layer_start_index=1,
+                                        tie_word_embeddings=False)),
+    "dense_kv1_parallel": ("dense", dict(COMMON, initializer_range=0.1, intermediate_size=64, num_hidden_layers=2, num_key_value_heads=1,
+                                         tie_word_embeddings=True)),
+}
+
 
 def make_hf_model(name: str, seed: int = 0):
     from transformers import Ernie4_5Config, Ernie4_5ForCausalLM, Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
 
-    kind, kw = CONFIGS[name]
+    kind, kw = {**CONFIGS, **PARALLEL}[name]
     torch.manual_seed(seed)
     if kind == "dense":
         return Ernie4_5ForCausalLM(Ernie4_5Config(**kw)).eval()

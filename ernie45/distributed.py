@@ -1,0 +1,254 @@
+"""Tensor and expert parallelism applied to a plain model from a declarative plan (torch.distributed).
+
+The model never knows it is sharded. `ParallelPlan.prepare` rewrites the meta-built model in place:
+- attention heads split over the TP group (q/k/v column slices, o_proj row slice); when TP exceeds the
+  KV heads, each KV head is replicated on TP/Nkv ranks;
+- dense MLPs (and the MTP block's) and the shared experts split column/row over the TP group;
+- routed experts: each EP rank owns a contiguous range of E/EP experts, each expert's width split over TP;
+- the shared experts' width split over all TP x EP ranks;
+- the embedding table and the head split by vocabulary rows over the TP group (ceil(V/TP) rows each):
+  a lookup is masked and all-reduced, the head's logits all-gathered;
+- one all-reduce per block, added as a forward hook: attention and dense MLP over the TP group, an MoE
+  block over the world (partials of every routed (expert, width-slice) owner and of the shared experts).
+Activations are replicated on every rank (all ranks run the same tokens), so "tokens reach their
+experts and come back" is the world all-reduce. The router and the norms are replicated.
+`source_slice` tells the loader which rows/columns of each checkpoint tensor this rank reads.
+
+Ranks are laid out ep-major: rank = ep_rank * tp + tp_rank.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import ModelConfig
+from .layers import MLP
+from .model import DecoderLayer, Ernie45ForCausalLM
+from .moe import Experts, SparseMoeBlock
+
+
+class DistributedError(RuntimeError):
+    """A collective or rendezvous failed: a peer died, or did not arrive in time."""
+
+
+def check_plan(cfg: ModelConfig, tp: int, ep: int) -> None:
+    """Raise ValueError naming each divisibility the shapes do not allow for this TP x EP."""
+    errors = []
+    nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if tp < 1 or ep < 1:
+        errors.append(f"tp={tp} and ep={ep} must be >= 1")
+    elif nq % tp:
+        errors.append(f"attention heads {nq} are not divisible by tp={tp}")
+    elif nkv % tp and tp % nkv:
+        errors.append(f"KV heads {nkv} and tp={tp}: one must divide the other to split or replicate KV heads")
+    if tp >= 1 and cfg.intermediate_size % tp:
+        errors.append(f"dense MLP width {cfg.intermediate_size} is not divisible by tp={tp}")
+    if cfg.is_moe and tp >= 1 and ep >= 1 and cfg.shared_intermediate_size % (tp * ep):
+        errors.append(f"shared-expert width {cfg.shared_intermediate_size} is not divisible by tp x ep = {tp * ep}")
+    if cfg.is_moe and tp >= 1 and ep >= 1:
+        if cfg.moe_num_experts % ep:
+            errors.append(f"{cfg.moe_num_experts} experts cannot be split evenly over ep={ep} ranks")
+        if cfg.moe_intermediate_size % tp:
+            errors.append(f"expert width {cfg.moe_intermediate_size} is not divisible by tp={tp}")
+        errors += _quant_group_errors(cfg, tp)
+    elif ep > 1:
+        errors.append(f"ep={ep} needs an MoE model; {cfg.model_type} has no experts")
+    if errors:
+        raise ValueError("this tensor/expert-parallel plan does not fit the model: " + "; ".join(errors))
+
+
+def _quant_group_errors(cfg: ModelConfig, tp: int) -> list[str]:
+    """Row-parallel slices of quantized weights must cut along whole quantization groups."""
+    group = int((cfg.quantization_config or {}).get("group_size") or 0)
+    if not group or tp == 1:
+        return []
+    return [f"{name} width {w} / tp={tp} = {w // tp} is not a multiple of the quantization group {group}"
+            for name, w in (("expert", cfg.moe_intermediate_size), ("dense MLP", cfg.intermediate_size))
+            if (w // tp) % group]
+
+
+@dataclass
+class ParallelPlan:
+    """TP x EP layout of one rank; `groups` are torch.distributed process groups (None in a single process)."""
+
+    tp: int = 1
+    ep: int = 1
+    rank: int = 0
+    tp_group: object = None
+    world_group: object = None
+    _slices: dict[str, tuple[int, int, int]] = field(default_factory=dict, repr=False)
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank // self.tp
+
+    # ---- LoadTransform ----------------------------------------------------------------------------
+    def source_slice(self, native: str) -> tuple[int, int, int] | None:
+        return self._slices.get(native)
+
+    def prepare(self, model: Ernie45ForCausalLM) -> None:
+        cfg = model.config
+        check_plan(cfg, self.tp, self.ep)
+        self._shard_vocab(model, cfg)
+        for prefix, layer in _decoder_layers(model):
+            self._shard_attention(f"{prefix}.self_attn", layer.self_attn, cfg)
+            if isinstance(layer.mlp, SparseMoeBlock):
+                self._shard_moe(f"{prefix}.mlp", layer.mlp, cfg)
+            else:
+                self._shard_mlp(f"{prefix}.mlp", layer.mlp)
+                self._all_reduce_after(layer.mlp, self.tp_group)
+        nkv = max(cfg.num_key_value_heads // self.tp, 1)
+        model.config = cfg.replace(num_attention_heads=cfg.num_attention_heads // self.tp, num_key_value_heads=nkv)
+
+    # ---- module rewrites (meta device) ------------------------------------------------------------
+    def _split(self, name: str, module: nn.Module, leaf: str, dim: int, start: int, stop: int) -> None:
+        old = getattr(module, leaf)
+        shape = list(old.shape)
+        shape[dim] = stop - start
+        setattr(module, leaf, nn.Parameter(torch.empty(shape, dtype=old.dtype, device="meta"), requires_grad=False))
+        self._slices[f"{name}.{leaf}"] = (dim - (1 if old.dim() == 3 else 0), start, stop)
+
+    def _part(self, total: int, ways: int | None = None, rank: int | None = None) -> tuple[int, int]:
+        ways, rank = ways or self.tp, self.tp_rank if rank is None else rank
+        size = total // ways
+        return rank * size, (rank + 1) * size
+
+    def _shard_vocab(self, model: Ernie45ForCausalLM, cfg: ModelConfig) -> None:
+        if self.tp == 1:
+            return
+        rows = -(-cfg.vocab_size // self.tp)  # ceil: the last rank may hold fewer real rows
+        start, stop = min(self.tp_rank * rows, cfg.vocab_size), min((self.tp_rank + 1) * rows, cfg.vocab_size)
+        embed = model.model.embed_tokens = VocabParallelEmbedding(start, stop, model.model.embed_tokens, self.tp_group)
+        self._split("model.embed_tokens", embed, "weight", 0, start, stop)
+        if model.lm_head is not None:
+            self._split("lm_head", model.lm_head, "weight", 0, start, stop)
+        model.project = lambda x: _gather_vocab(torch.nn.functional.linear(x, model.head_weight()), rows,
+                                               cfg.vocab_size, self.tp_group)
+
+    def _shard_attention(self, name: str, attn: nn.Module, cfg: ModelConfig) -> None:
+        dh, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        q0, q1 = self._part(nq * dh)
+        kv_local = max(nkv // self.tp, 1)
+        kv0 = (self.tp_rank * nkv // self.tp) * dh
+        self._split(f"{name}.q_proj", attn.q_proj, "weight", 0, q0, q1)
+        self._split(f"{name}.k_proj", attn.k_proj, "weight", 0, kv0, kv0 + kv_local * dh)
+        self._split(f"{name}.v_proj", attn.v_proj, "weight", 0, kv0, kv0 + kv_local * dh)
+        self._split(f"{name}.o_proj", attn.o_proj, "weight", 1, q0, q1)
+        attn.n_heads, attn.n_kv = nq // self.tp, kv_local
+        self._all_reduce_after(attn.o_proj, self.tp_group)
+
+    def _shard_mlp(self, name: str, mlp: MLP, ways: int | None = None, rank: int | None = None) -> None:
+        a, b = self._part(mlp.gate_proj.weight.shape[0], ways, rank)
+        self._split(f"{name}.gate_proj", mlp.gate_proj, "weight", 0, a, b)
+        self._split(f"{name}.up_proj", mlp.up_proj, "weight", 0, a, b)
+        self._split(f"{name}.down_proj", mlp.down_proj, "weight", 1, a, b)
+
+    def _shard_moe(self, name: str, block: SparseMoeBlock, cfg: ModelConfig) -> None:
+        n_local = cfg.moe_num_experts // self.ep
+        block.experts = LocalExperts(cfg.replace(moe_num_experts=n_local), self.ep_rank * n_local)
+        a, b = self._part(cfg.moe_intermediate_size)
+        for leaf, dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
+            self._split(f"{name}.experts", block.experts, leaf, dim, a, b)
+        if block.shared_experts is not None:
+            self._shard_mlp(f"{name}.shared_experts", block.shared_experts, ways=self.tp * self.ep, rank=self.rank)
+        self._all_reduce_after(block, self.world_group)
+
+    def _all_reduce_after(self, module: nn.Module, group) -> None:
+        if group is not None and dist.get_world_size(group) > 1:
+            module.register_forward_hook(lambda _m, _i, out: all_reduce(out, group))
+
+
+class LocalExperts(Experts):
+    """The routed experts one EP rank owns: global ids [first_expert, first_expert + E_local)."""
+
+    def __init__(self, cfg_local: ModelConfig, first_expert: int):
+        super().__init__(cfg_local)
+        self.first_expert = first_expert
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [T,D], w [T,K], idx [T,K] global ids -> this rank's partial sum [T,D]"""
+        local = (idx - self.first_expert).flatten()  # [T*K]
+        mine = (local >= 0) & (local < self.gate_proj.shape[0])
+        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx.shape[1])
+        return self.grouped(x, token[mine], local[mine], w.flatten()[mine])
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Rows [start, stop) of the table; other ids look up zeros here and arrive by the TP all-reduce."""
+
+    def __init__(self, start: int, stop: int, full: nn.Embedding, group):
+        nn.Module.__init__(self)
+        self.weight, self.start, self.stop, self.group = full.weight, start, stop, group
+        self.padding_idx, self.max_norm, self.sparse = None, None, False
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [B,T] -> [B,T,D]
+        mine = (ids >= self.start) & (ids < self.stop)
+        out = nn.functional.embedding(torch.where(mine, ids - self.start, 0), self.weight)
+        return all_reduce(out.masked_fill(~mine[..., None], 0), self.group)
+
+
+def _gather_vocab(local: torch.Tensor, rows: int, vocab: int, group) -> torch.Tensor:
+    """Local logits [B,T,<=rows] of each TP rank -> full logits [B,T,V] on every rank."""
+    pad = rows - local.shape[-1]
+    local = torch.nn.functional.pad(local, (0, pad)).contiguous() if pad else local.contiguous()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    try:
+        dist.all_gather(parts, local, group=group)
+    except Exception as e:
+        raise DistributedError(f"rank {dist.get_rank()}: all_gather of logits failed ({e}). Another rank probably "
+                               "died or timed out; see its log. Ending this rank too.") from e
+    return torch.cat(parts, dim=-1)[..., :vocab]
+
+
+def _decoder_layers(model: Ernie45ForCausalLM):
+    for i, layer in enumerate(model.model.layers):
+        yield f"model.layers.{i}", layer
+    for i, layer in enumerate(model.model.mtp_block):
+        yield f"model.mtp_block.{i}", layer
+
+
+def all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    try:
+        dist.all_reduce(t, group=group)
+    except Exception as e:  # gloo/NCCL raise assorted types when a peer vanishes
+        raise DistributedError(f"rank {dist.get_rank()}: all_reduce failed ({e}). Another rank probably died or "
+                               "timed out; see its log. Ending this rank too.") from e
+    return t
+
+
+def init_parallel(tp: int, ep: int, timeout_s: float = 300.0) -> ParallelPlan:
+    """Join the torchrun job (env:// rendezvous) and build this rank's plan; gloo on CPU, NCCL on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp * ep:
+        raise ValueError(f"launched with {world} process(es) but --tp {tp} x --ep {ep} = {tp * ep}; start it with "
+                         f"`torchrun --nproc-per-node {tp * ep} -m ernie45 ...` (or fix --tp/--ep)")
+    if world == 1:
+        return ParallelPlan()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    except Exception as e:
+        raise DistributedError(f"rendezvous at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+                               f"failed or timed out after {timeout_s:g} s waiting for {world} processes ({e})") from e
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    rank = dist.get_rank()
+    tp_groups = [dist.new_group(list(range(e * tp, (e + 1) * tp))) for e in range(ep)]
+    return ParallelPlan(tp, ep, rank, tp_groups[rank // tp], dist.group.WORLD)
+
+
+def report_failure(e: BaseException) -> int:
+    rank = os.environ.get("RANK", "0")
+    print(f"ernie45: rank {rank}: distributed job failed: {e}", file=sys.stderr, flush=True)
+    return 1
