@@ -155,8 +155,9 @@ class ParallelPlan:
         self._split(f"{name}.down_proj", mlp.down_proj, "weight", 1, a, b)
 
     def _shard_moe(self, name: str, block: SparseMoeBlock, cfg: ModelConfig) -> None:
-        n_local = cfg.moe_num_experts // self.ep
-        block.experts = LocalExperts(cfg.replace(moe_num_experts=n_local), self.ep_rank * n_local)
+        n_local, dtype = cfg.moe_num_experts // self.ep, block.experts.gate_proj.dtype
+        with torch.device("meta"):
+            block.experts = LocalExperts(cfg.replace(moe_num_experts=n_local), self.ep_rank * n_local).to(dtype)
         a, b = self._part(cfg.moe_intermediate_size)
         for leaf, dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
             self._split(f"{name}.experts", block.experts, leaf, dim, a, b)

@@ -31,7 +31,9 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.zeros(cfg.moe_num_experts, cfg.hidden_size, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> probabilities [T, E] fp32
-        return torch.softmax(F.linear(x.float(), self.weight.float()), dim=-1)
+        # Autocast off: under bf16 autocast F.linear would run (and return) bf16, breaking fp32 routing.
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.softmax(F.linear(x.float(), self.weight.float()), dim=-1)
 
 
 class MoeStatics(nn.Module):

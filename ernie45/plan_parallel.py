@@ -5,13 +5,16 @@ Owns: :class:`Layout` (``tp`` x ``ep`` per pipeline stage, ``pp`` stages), its v
 of every stage, and the searches built on it (best layout for N GPUs, minimum GPUs, maximum context or
 concurrent sequences) and the decode tokens/s bound.
 
-Model of a layout (vLLM's, stated here so the numbers can be checked by hand):
+Model of a layout — exactly what ernie45's runtime allocates (``ernie45/distributed.py``), stated here
+so the numbers can be checked by hand:
 
-* A stage has ``G = max(tp, ep)`` GPUs and ``min(tp, ep)`` must divide ``max(tp, ep)``.
-* Attention, dense FFN, shared experts, embedding and head are split ``tp`` ways and replicated over
-  the ``G / tp`` attention replicas, which split the batch (data-parallel attention when ``ep > tp``).
-  KV heads split with ``tp`` until ``tp`` exceeds them; then each GPU keeps one KV head.
-* Routed experts are dealt out whole over ``ep`` ranks and each is split ``G / ep`` ways inside.
+* A stage has ``G = tp x ep`` GPUs (ranks are ep-major: ``rank = ep_rank * tp + tp_rank``), and every
+  GPU runs every sequence (activations are replicated; no data-parallel attention).
+* Attention, dense FFN, embedding and head are split ``tp`` ways (embedding/head by vocabulary rows,
+  ``ceil(V / tp)`` each) and replicated over the ``ep`` groups. KV heads split with ``tp`` until ``tp``
+  exceeds them; then each GPU keeps one KV head.
+* Routed experts are dealt out whole over ``ep`` ranks and each is split ``tp`` ways inside.
+* Shared experts are split ``tp x ep`` ways (all GPUs of the stage).
 * Pipeline stages take contiguous, near-equal runs of decoder layers; the first holds the embedding,
   the last the final norm, head and MTP (and a second copy of a tied table when ``pp > 1``).
 * ``offload_experts`` keeps routed experts in host RAM (computed there, as llama.cpp's ``-ot exps=CPU``).
@@ -37,21 +40,16 @@ class Layout:
 
     @property
     def stage_gpus(self) -> int:
-        return max(self.tp, self.ep)
+        return self.tp * self.ep
 
     @property
     def num_gpus(self) -> int:
         return self.stage_gpus * self.pp
 
     @property
-    def dp(self) -> int:
-        """Attention replicas per stage; each serves ``1/dp`` of the sequences."""
-        return self.stage_gpus // self.tp
-
-    @property
     def etp(self) -> int:
         """Ways each routed expert is split inside its EP rank."""
-        return self.stage_gpus // self.ep
+        return self.tp
 
     def to_dict(self) -> dict:
         return {"num_gpus": self.num_gpus, "tp": self.tp, "ep": self.ep, "pp": self.pp}
@@ -109,8 +107,6 @@ def layout_errors(cfg: ModelConfig, layout: Layout, scheme: str,
     if min(tp, ep, pp) < 1:
         return [f"tp, ep and pp must be >= 1 (got tp={tp} ep={ep} pp={pp})"]
     errors = []
-    if max(tp, ep) % min(tp, ep):
-        errors.append(f"tp={tp} and ep={ep}: the smaller must divide the larger (GPUs per stage = max of the two)")
     if cfg.num_attention_heads % tp:
         errors.append(f"tp={tp} does not divide the {cfg.num_attention_heads} attention heads")
     kv = cfg.num_key_value_heads
@@ -157,6 +153,8 @@ def _kv_heads_per_gpu(cfg: ModelConfig, tp: int) -> int:
 def _ways(t: Tensor, layout: Layout) -> int:
     if t.split == "rep":
         return 1
+    if t.component == "shared_experts":
+        return layout.stage_gpus
     return layout.etp if t.component == "experts" else layout.tp
 
 
@@ -246,7 +244,7 @@ def _active_bytes(t: Tensor, cfg: ModelConfig, n: int, batch: int) -> int:
 def stage_memory(place: Placement, layout: Layout, work: Workload | None = None) -> list[StageMemory]:
     """Per-stage memory for ``layout``; ``work`` overrides context/batch of the placement's workload."""
     cfg, work = place.cfg, work or place.work
-    seqs = math.ceil(work.batch / layout.dp)  # sequences one attention replica serves
+    seqs = work.batch  # every GPU runs every sequence
     kv_heads = _kv_heads_per_gpu(cfg, layout.tp)
     kv_tok = 2 * kv_heads * cfg.head_dim * KV_DTYPE_BYTES[work.kv_dtype]
     chunk = min(work.prefill_chunk, work.context * seqs)
@@ -274,10 +272,7 @@ def candidate_layouts(cfg: ModelConfig, n: int) -> list[Layout]:
     out = []
     for pp in (p for p in range(1, n + 1) if n % p == 0 and p <= cfg.num_hidden_layers):
         g = n // pp
-        for d in (d for d in range(1, g + 1) if g % d == 0):
-            out.append(Layout(tp=g, ep=d, pp=pp))
-            if d < g and cfg.is_moe:
-                out.append(Layout(tp=d, ep=g, pp=pp))
+        out += [Layout(tp=g // ep, ep=ep, pp=pp) for ep in range(1, g + 1) if g % ep == 0]
     return [lay for lay in out if lay.ep == 1 or cfg.is_moe]
 
 

@@ -172,8 +172,11 @@ def test_tp_shards_and_kv_heads_replicate_past_tp8():
 
 
 def test_expert_parallel_keeps_experts_whole():
-    _, (st,) = _stages(B300, "int4", Layout(tp=8, ep=8))
+    _, (st,) = _stages(B300, "int4", Layout(tp=1, ep=8))
     assert st.weights["experts"] == 51 * 8 * (2 * _int4(3584, 8192) + _int4(8192, 3584))
+    assert st.gpus == 8
+    _, (st,) = _stages(B300, "int4", Layout(tp=2, ep=4))  # 16 experts per EP rank, each split 2 ways
+    assert st.weights["experts"] == 51 * 16 * (2 * _int4(1792, 8192) + _int4(8192, 1792))
     assert st.gpus == 8
 
 
@@ -182,7 +185,8 @@ def test_group_divisibility_of_expert_widths():
     int4 = Placement(cfg, Workload(scheme="int4"))
     errors = int4.errors(Layout(tp=8))
     assert len(errors) == 1 and "down_proj: 3584 / 8 = 448" in errors[0] and "int4 groups of 128" in errors[0]
-    assert int4.errors(Layout(tp=8, ep=8)) == [] and int4.errors(Layout(tp=4)) == []
+    assert int4.errors(Layout(tp=1, ep=8)) == [] and int4.errors(Layout(tp=4)) == []
+    assert int4.errors(Layout(tp=8, ep=8)) == errors  # experts are still split tp ways inside each EP rank
     fp8 = Placement(cfg, Workload(scheme="fp8")).errors(Layout(tp=8))
     assert any("gate_proj: 3584 / 8 = 448" in e and "fp8 blocks of 128" in e for e in fp8)
     assert Placement(cfg, Workload(scheme="int8")).errors(Layout(tp=8)) == []
@@ -304,9 +308,9 @@ def test_cli_explicit_layout_and_exit_codes():
                      "--tp", "8", "--json", "--no-recommend")
     report = json.loads(out)
     assert code == 1 and report["fit"] == "invalid" and "448" in report["layout_errors"][0]
-    code, out = _cli("--model", B300, "--quant", "int4", "--context", "8192", "--gpu", "h100", "--tp", "8",
-                     "--ep", "8", "--json", "--no-recommend")
-    assert code == 0 and json.loads(out)["layout"] == {"num_gpus": 8, "tp": 8, "ep": 8, "pp": 1}
+    code, out = _cli("--model", B300, "--quant", "int4", "--context", "8192", "--gpu", "h100", "--tp", "2",
+                     "--ep", "4", "--json", "--no-recommend")
+    assert code == 0 and json.loads(out)["layout"] == {"num_gpus": 8, "tp": 2, "ep": 4, "pp": 1}
     code, _ = _cli("--model", B300, "--context", "8192", "--gpu", "RTX4090", "--num-gpus", "1", "--no-recommend")
     assert code == 1
     code, _ = _cli("--model", B300, "--context", "8192", "--gpu", "A100")
