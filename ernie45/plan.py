@@ -293,7 +293,7 @@ def activation_bytes(cfg: ModelConfig, chunk: int, *, shards: Shards | None = No
     if cfg.is_moe:
         pairs = chunk * cfg.moe_k
         routed = pairs * (3 * cfg.moe_intermediate_size + cfg.hidden_size) * a // sh.experts
-        shared = chunk * 3 * cfg.shared_intermediate_size // sh.tp * a
+        shared = chunk * 3 * cfg.shared_intermediate_size // sh.experts * a  # split over all G GPUs
         router = 2 * chunk * cfg.moe_num_experts * 4
         ffn = max(ffn, routed + shared + router)
     return hidden + max(attention, ffn) + logit_rows * cfg.vocab_size * LOGIT_BYTES

@@ -137,7 +137,7 @@ def _group_errors(cfg: ModelConfig, layout: Layout, scheme: str, int4_moe_layers
         elif block and (dim // ways) % block:
             what = f"{fmt.name} {'groups' if fmt.block_rows == 1 else 'blocks'} of {block}"
             errors[f"{_short(t)}: {dim} / {ways} = {dim // ways} is not a multiple of the {what}; "
-                   "use expert parallelism (experts stay whole) or fewer tensor-parallel ways"] = None
+                   "use fewer tensor-parallel ways (each expert is split tp ways inside its EP rank)"] = None
     return list(errors)
 
 

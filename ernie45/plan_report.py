@@ -70,7 +70,7 @@ class PlanRequest:
 
 
 def explicit_layout(req: PlanRequest) -> Layout | None:
-    """The layout the request spells out with tp/ep/pp (num_gpus fills a missing tp); None if it does not."""
+    """The layout the request spells out with tp/ep/pp (num_gpus fills a missing tp: num_gpus / (ep x pp)); None if it does not."""
     if req.tp is None and req.ep is None and req.pp is None:
         return None
     pp, ep = req.pp or 1, req.ep or 1
@@ -79,9 +79,9 @@ def explicit_layout(req: PlanRequest) -> Layout | None:
     if req.num_gpus % pp:
         raise ValueError(f"num_gpus={req.num_gpus} is not a multiple of pp={pp}")
     stage = req.num_gpus // pp
-    layout = Layout(tp=req.tp or stage, ep=ep, pp=pp)
+    layout = Layout(tp=req.tp or max(stage // ep, 1), ep=ep, pp=pp)
     if layout.num_gpus != req.num_gpus:
-        raise ValueError(f"tp={layout.tp} ep={ep} pp={pp} uses {layout.num_gpus} GPUs (max(tp, ep) x pp), "
+        raise ValueError(f"tp={layout.tp} ep={ep} pp={pp} uses {layout.num_gpus} GPUs (tp x ep x pp), "
                          f"not num_gpus={req.num_gpus}")
     return layout
 
