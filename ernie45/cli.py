@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 # Feature modules that add their own subcommand through `register_cli(subparsers)`.
-PLUGIN_MODULES = ("ernie45.plan_cli", "ernie45.train.cli")
+PLUGIN_MODULES = ("ernie45.plan_cli", "ernie45.train.cli", "ernie45.server_cli")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -60,8 +60,9 @@ def _load_tokenizer(path: Path):
 
 def _load_for_launch(args: argparse.Namespace):
     """Load the model, sharded over the torchrun job when --tp/--ep ask for it. Returns (model, rank)."""
-    from .weights import load_model
+    from .weights import load_model, resolve_model_dir
 
+    args.model = str(resolve_model_dir(args.model))
     if args.tp * args.ep == 1:
         return load_model(args.model, dtype=args.dtype), 0
     from .distributed import init_parallel
@@ -127,6 +128,49 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for the rendezvous and for any collective before failing (default 300)")
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import chat_loop
+    from .generation import GenerationConfig
+    from .weights import load_model, resolve_model_dir
+
+    path = resolve_model_dir(args.model)
+    tokenizer = _load_tokenizer(path)
+    if tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer files (tokenizer.model or tokenizer.json); chat needs them")
+    model = load_model(path, dtype=args.dtype)
+    gcfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    chat_loop(model, tokenizer, gcfg, system=args.system)
+    return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from .evaluate import perplexity
+    from .weights import load_model, resolve_model_dir
+
+    path = resolve_model_dir(args.model)
+    tokenizer = _load_tokenizer(path)
+    if tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer files; perplexity of a text file needs them")
+    text = Path(args.text_file).read_text(encoding="utf-8")
+    ids = [tokenizer.bos_token_id] + tokenizer.encode(text)
+    result = perplexity(load_model(path, dtype=args.dtype), ids, args.window, args.stride, progress=not args.json)
+    if args.json:
+        print(json.dumps({"perplexity": result["perplexity"], "tokens": result["tokens"]}))
+    else:
+        print(f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens")
+    return 0
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_new: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new)
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), float32, bfloat16, float16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie45", description="Run Baidu's ERNIE 4.5 models (MoE and dense) "
                                 "from their Hugging Face -PT checkpoints.")
@@ -138,21 +182,31 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     gen = sub.add_parser("generate", help="generate tokens with the reference loop (greedy or sampled)")
-    gen.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    gen.add_argument("--model", help="checkpoint directory (config.json + safetensors); default: the embedded model")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,5,9")
     src.add_argument("--prompt", help="prompt text (needs tokenizer files in the checkpoint); streams text")
     gen.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template as a user turn")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    _add_sampling_args(gen, temperature=0.0, max_new=32)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    gen.add_argument("--dtype", default="auto", help="auto (checkpoint dtype), float32, bfloat16, float16")
     gen.add_argument("--json", action="store_true", help='print {"token_ids": [...]} (new tokens only)')
     add_parallel_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat (history, chat template, streaming)")
+    chat.add_argument("--model", help="checkpoint directory with tokenizer files; default: the embedded model")
+    chat.add_argument("--system", help="a system message that opens the conversation")
+    _add_sampling_args(chat, temperature=0.7, max_new=256)
+    chat.set_defaults(func=cmd_chat)
+
+    ppl = sub.add_parser("perplexity", help="perplexity of a text file (sliding window)")
+    ppl.add_argument("--model", help="checkpoint directory with tokenizer files; default: the embedded model")
+    ppl.add_argument("--text-file", required=True, help="UTF-8 text; scored after a leading <s>")
+    ppl.add_argument("--window", type=int, default=1024, help="tokens per forward pass (default 1024)")
+    ppl.add_argument("--stride", type=int, default=None, help="tokens the window advances (default window/2)")
+    ppl.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, auto")
+    ppl.add_argument("--json", action="store_true", help='print {"perplexity": ..., "tokens": ...}')
+    ppl.set_defaults(func=cmd_perplexity)
 
     rnd = sub.add_parser("random-checkpoint", help="write a randomly initialised checkpoint (official layout)")
     rnd.add_argument("out", help="output directory")

@@ -107,6 +107,20 @@ def check_keys(model: Ernie45ForCausalLM, shapes: dict[str, tuple[int, ...]]) ->
     return problems
 
 
+# ---- the embedded default model ---------------------------------------------------------------------
+DEFAULT_MODEL_DIR = Path(__file__).parent / "data" / "default_model"
+
+
+def resolve_model_dir(path: str | Path | None) -> Path:
+    """`path`, or the default model shipped inside the package when no path is given."""
+    if path is not None:
+        return Path(path)
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise CheckpointError(f"no --model given and this installation has no embedded default model "
+                              f"({DEFAULT_MODEL_DIR} is missing); pass --model DIR")
+    return DEFAULT_MODEL_DIR
+
+
 # ---- loading -----------------------------------------------------------------------------------
 def resolve_dtype(dtype: torch.dtype | str | None, cfg: ModelConfig) -> torch.dtype:
     """None/'auto' -> the checkpoint's torch_dtype; strings like 'bf16', 'float32' accepted."""
