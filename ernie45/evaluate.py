@@ -2,7 +2,8 @@
 
 A window of W tokens advances by a stride S <= W; each window scores only the tokens the previous one
 did not, conditioning them on up to W - 1 tokens before. So every token after the first is scored
-exactly once, with at least W - S tokens of context once the stream is longer than a window.
+exactly once, with at least W - S tokens of context once the stream is longer than a window (S is
+capped at W - 1: the first token of a window has no context inside it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def perplexity(model: Ernie45ForCausalLM, ids: Sequence[int], window: int = 1024
     if len(ids) < 2:
         raise ValueError("need at least two tokens to score one")
     window = min(window, model.config.max_position_embeddings)
+    stride = min(stride, window - 1)  # windows overlap by >= 1 token: a window's first token has no context
     stream = torch.tensor(list(ids))
     total, scored, end = 0.0, 0, 1  # `end`: tokens [1, end) are already scored
     starts = range(0, max(len(ids) - window, 0) + stride, stride)
