@@ -115,6 +115,7 @@ class Engine:
                                    max_model_len=cfg.max_position_embeddings)
         self.sampler = Sampler(seed=seed)
         self.cache = PagedAttentionCache(self.kv)
+        self.on_batch = None  # called with each StepBatch before the forward (multi-rank: broadcast it)
 
     @property
     def kv_bytes_total(self) -> int:
@@ -142,20 +143,30 @@ class Engine:
         return self.scheduler.has_unfinished
 
     @torch.no_grad()
-    def step(self) -> list[EngineOutput]:
-        out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
-        batch = build_batch(out, self.block_size)
+    def forward(self, batch: StepBatch) -> torch.Tensor | None:
+        """The model call of one step: K/V written, logits [R', V] of the rows that sample (None if none).
+
+        Under tensor/expert parallelism every rank runs this on the same batch (rank 0 broadcasts it).
+        """
         self.cache.batch = batch
         try:
             hidden = self.model.model(batch.input_ids, batch.positions, self.cache)  # [1, N, D]
         finally:
             self.cache.batch = None
+        return self.model.logits(hidden[:, batch.sample_rows])[0] if batch.sample_rows else None
+
+    @torch.no_grad()
+    def step(self) -> list[EngineOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        batch = build_batch(out, self.block_size)
+        if self.on_batch is not None:
+            self.on_batch(batch)
+        logits = self.forward(batch)  # [R', V]
         reqs = batch.sample_reqs
         sampled = None
         if reqs:
-            logits = self.model.logits(hidden[:, batch.sample_rows])[0]  # [R', V]
             sampled = self.sampler(logits, [r.request_id for r in reqs], [r.params for r in reqs],
                                    [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs])
         tokens = dict(zip([r.request_id for r in reqs], sampled.token_ids.tolist() if sampled else []))

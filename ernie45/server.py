@@ -10,8 +10,8 @@ Choices:
   for real faults (an engine step that raised) and shutdown (503).
 - The key check and the body limit run in a small ASGI middleware, before FastAPI reads the body:
   a request without the key never has its body read, and an oversized one is cut off at the limit.
-- Request schemas are strict (no "1.5" for a number, no true for an integer) and bound every
-  number, so nothing a client sends reaches the engine as NaN, infinity or an out-of-range integer.
+- Request schemas (strict, every number bounded) live in ``server_schema``; response and SSE shapes
+  in ``server_format``. This module is routes, middleware and error handlers.
 - A request is accepted by the engine (or refused with 400) before the first byte is sent, so a
   stream never starts for a request that cannot run. A response that ends for any reason (done,
   client gone, server stopping) aborts its unfinished sequences: their KV blocks return at once.
@@ -21,177 +21,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
-import time
-import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .async_engine import FINISH_ERROR, AsyncEngine, GenerationStream, SeqEvent
 from .engine import Engine
-from .sampling import MAX_TOP_LOGPROBS, SamplingParams
+from .sampling import SamplingParams
+from .server_format import ChatFormat, ResponseFormat, TextFormat, error_body, sse_events
+from .server_schema import ApiError, ChatCompletionRequest, CompletionRequest, SamplingRequest, validation_message
 from .tokenizer import Tokenizer
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
-MAX_N, MAX_PROMPTS, MAX_STOPS, INT32 = 16, 64, 16, 2**31 - 1
-LOGPROB_FLOOR = -9999.0  # JSON has no -inf; a token of probability 0 reports this
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
-            503: "service_unavailable"}.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, code), status_code=status)
-
-
-# ----------------------------------------------------------------------------- request schemas
-StopString = Annotated[str, Field(min_length=1, max_length=512)]
-TokenId = Annotated[int, Field(ge=0, le=INT32)]
-TokenIds = Annotated[list[TokenId], Field(min_length=1)]
-TextBatch = Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
-
-
-class StreamOptions(_Strict):
-    include_usage: bool | None = False
-
-
-class _Sampling(_Strict):
-    """Fields both endpoints share; None means the OpenAI default."""
-
-    model: str | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, le=INT32, description="0 or -1: off")
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
-    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
-    max_tokens: int | None = Field(None, ge=1, le=INT32)
-    n: int | None = Field(None, ge=1, le=MAX_N)
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    ignore_eos: bool | None = Field(False, description="keep generating past EOS / end of turn")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported; must be empty")
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
-
-    def sampling_params(self, prompt_len: int, max_model_len: int, *, max_tokens: int | None,
-                        top_logprobs: int | None, logprobs: bool) -> SamplingParams:
-        """SamplingParams after the context-length check (max_tokens None: the rest of the context)."""
-        if self.logit_bias:
-            raise ApiError(400, "logit_bias is not supported by this server", "logit_bias", "unsupported")
-        if prompt_len >= max_model_len:
-            raise ApiError(400, f"the prompt has {prompt_len} tokens but the context holds {max_model_len}, "
-                           "the prompt included; shorten the prompt", None, "context_length_exceeded")
-        max_tokens = max_tokens or max_model_len - prompt_len
-        if prompt_len + max_tokens > max_model_len:
-            raise ApiError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context of "
-                           f"{max_model_len} tokens; lower max_tokens to at most {max_model_len - prompt_len}",
-                           "max_tokens", "context_length_exceeded")
-        fields = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                  "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids", "n", "ignore_eos")}
-        try:
-            return SamplingParams(**{k: v for k, v in fields.items() if v is not None}, max_tokens=max_tokens,
-                                  logprobs=logprobs, top_logprobs=top_logprobs or 0)
-        except ValueError as err:
-            raise ApiError(400, str(err).removeprefix("SamplingParams."), None, "invalid_value") from None
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(max_length=256)]
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: Annotated[list[Message], Field(min_length=1, max_length=1024)]
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    max_completion_tokens: int | None = Field(None, ge=1, le=INT32)
-
-    def prompt_ids(self, tok: Tokenizer) -> list[int]:
-        """The chat template (the tokenizer's own) rendered and encoded; 'developer' is a system turn."""
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-                    for m in self.messages]
-        try:
-            return tok.encode_chat(messages)
-        except Exception as err:  # the template refused the conversation (raise_exception)
-            raise ApiError(400, f"the chat template could not render these messages: {err}", "messages") from None
-
-    def params(self, prompt_len: int, max_model_len: int) -> SamplingParams:
-        return self.sampling_params(prompt_len, max_model_len, max_tokens=self.max_tokens or self.max_completion_tokens,
-                                    top_logprobs=self.top_logprobs, logprobs=bool(self.logprobs))
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | TextBatch | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="how many top alternatives")
-    echo: bool | None = Field(False, description="not supported; must be false")
-
-    def prompt_ids(self, tok: Tokenizer, vocab_size: int) -> list[list[int]]:
-        if self.echo:
-            raise ApiError(400, "echo is not supported by this server", "echo", "unsupported")
-        p = self.prompt
-        prompts = [tok.encode(p)] if isinstance(p, str) else [p] if isinstance(p[0], int) else \
-            [tok.encode(s) if isinstance(s, str) else s for s in p]
-        if any(not ids for ids in prompts):
-            raise ApiError(400, "a prompt is empty; give at least one token of text", "prompt")
-        if bad := [t for ids in prompts for t in ids if t >= vocab_size]:
-            raise ApiError(400, f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", "prompt")
-        return prompts
-
-    def params(self, prompt_len: int, max_model_len: int) -> SamplingParams:
-        return self.sampling_params(prompt_len, max_model_len, max_tokens=self.max_tokens or 16,  # OpenAI's default
-                                    top_logprobs=self.logprobs, logprobs=self.logprobs is not None)
-
-
-def validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """One readable message (and the first offending top-level field) from pydantic's errors."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    if first["type"] == "json_invalid":
-        return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})", None
-    if tuple(first["loc"]) == ("body",):
-        return "the request body must be a JSON object (send Content-Type: application/json)", None
-    parts = []
-    for e in errors[:4]:  # pydantic puts union member tags ("str", "list[int]") in loc: keep field names only
-        loc = ".".join(str(x) for x in e["loc"][1:] if isinstance(x, int) or x in _FIELD_NAMES) or "body"
-        parts.append(f"{loc}: {e['msg']}")
-    param = next((str(x) for x in first["loc"][1:2]), None)
-    return "; ".join(dict.fromkeys(parts)), param
-
-
-_FIELD_NAMES = frozenset(name for m in (ChatCompletionRequest, CompletionRequest, Message, TextPart, StreamOptions)
-                         for name in m.model_fields)
 
 
 def _openapi_without_422(app: FastAPI) -> Callable[[], dict]:
@@ -328,8 +178,8 @@ def _add_routes(app: FastAPI, aengine: AsyncEngine, tokenizer: Tokenizer, model_
         return await _run(aengine, request, body, prompts, params, fmt)
 
 
-async def _run(aengine: AsyncEngine, request: Request, body: _Sampling, prompts: list[list[int]],
-               params: SamplingParams, fmt: _Format) -> Any:
+async def _run(aengine: AsyncEngine, request: Request, body: SamplingRequest, prompts: list[list[int]],
+               params: SamplingParams, fmt: ResponseFormat) -> Any:
     """Submit, then answer with one JSON object or a server-sent event stream."""
     try:
         stream = await aengine.submit(prompts, params, chat=isinstance(fmt, ChatFormat))
@@ -339,7 +189,7 @@ async def _run(aengine: AsyncEngine, request: Request, body: _Sampling, prompts:
         raise ApiError(503, str(err)) from None
     prompt_tokens = sum(map(len, prompts))
     if body.stream:
-        return AbortingStream(_sse(stream, fmt, prompt_tokens, body.include_usage), stream.abort)
+        return AbortingStream(sse_events(stream, fmt, prompt_tokens, body.include_usage), stream.abort)
     try:
         events = await _collect(stream, request)
     finally:
@@ -384,121 +234,3 @@ class AbortingStream(StreamingResponse):
         finally:
             self.on_close()
 
-
-def _data(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def _sse(stream: GenerationStream, fmt: _Format, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
-    completion_tokens = 0
-    for chunk in fmt.stream_start():
-        yield _data(chunk)
-    async for event in stream:
-        if event.finish_reason == FINISH_ERROR:
-            yield _data(error_body(500, event.error))
-            continue
-        completion_tokens += event.token_id is not None
-        if event.text or event.finish_reason or event.logprobs:
-            yield _data(fmt.chunk(event))
-    if include_usage:
-        yield _data(fmt.envelope(fmt.chunk_object, [], fmt.usage(prompt_tokens, completion_tokens)))
-    yield "data: [DONE]\n\n"
-
-
-# ----------------------------------------------------------------------------- response shapes
-class _Format:
-    """Response envelopes shared by both endpoints; subclasses lay out the choices."""
-
-    object_name = chunk_object = prefix = ""
-
-    def __init__(self, model_name: str, tokenizer: Tokenizer, n: int, logprobs: bool):
-        self.model, self.tok, self.n, self.logprobs = model_name, tokenizer, n, logprobs
-        self.id, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
-        self._offsets: dict[int, int] = {}  # text offset per streamed sequence (completion logprobs)
-
-    def envelope(self, obj: str, choices: list, usage: dict | None = None) -> dict:
-        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
-        return out if usage is None else {**out, "usage": usage}
-
-    @staticmethod
-    def usage(prompt: int, completion: int) -> dict:
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def stream_start(self) -> list[dict]:
-        return []
-
-    def response(self, events: list[SeqEvent], num_seqs: int, prompt_tokens: int) -> dict:
-        per_seq: list[list[SeqEvent]] = [[] for _ in range(num_seqs)]
-        for e in events:
-            per_seq[e.index].append(e)
-        choices = [self.choice(i, seq) for i, seq in enumerate(per_seq)]
-        return self.envelope(self.object_name, choices,
-                             self.usage(prompt_tokens, sum(e.token_id is not None for e in events)))
-
-    def token_text(self, token_id: int) -> str:
-        """A token's text for logprobs; a lone byte-fallback token is "bytes:\\xNN" (OpenAI's spelling)."""
-        byte = self.tok._bytes.get(token_id)  # Tokenizer has no public id -> byte lookup yet
-        return f"bytes:\\x{byte:02x}" if byte is not None else self.tok.decode([token_id])
-
-    def token_bytes(self, token_id: int) -> list[int]:
-        byte = self.tok._bytes.get(token_id)
-        return [byte] if byte is not None else list(self.tok.decode([token_id]).encode())
-
-    def chunk(self, e: SeqEvent) -> dict:
-        raise NotImplementedError
-
-    def choice(self, index: int, events: list[SeqEvent]) -> dict:
-        raise NotImplementedError
-
-
-class ChatFormat(_Format):
-    object_name, chunk_object, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
-
-    def stream_start(self) -> list[dict]:
-        return [self.envelope(self.chunk_object, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                   "logprobs": None, "finish_reason": None}]) for i in range(self.n)]
-
-    def chunk(self, e: SeqEvent) -> dict:
-        return self.envelope(self.chunk_object, [{"index": e.index, "delta": {"content": e.text},
-                                                  "logprobs": self._logprobs([e]), "finish_reason": e.finish_reason}])
-
-    def choice(self, index: int, events: list[SeqEvent]) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": "".join(e.text for e in events)},
-                "logprobs": self._logprobs(events), "finish_reason": events[-1].finish_reason}
-
-    def _entry(self, token_id: int, logprob: float) -> dict:
-        return {"token": self.token_text(token_id), "logprob": max(logprob, LOGPROB_FLOOR),
-                "bytes": self.token_bytes(token_id)}
-
-    def _logprobs(self, events: list[SeqEvent]) -> dict | None:
-        if not self.logprobs:
-            return None
-        return {"content": [{**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(*t) for t in lp.top]}
-                            for e in events if (lp := e.logprobs) is not None]}
-
-
-class TextFormat(_Format):
-    object_name, chunk_object, prefix = "text_completion", "text_completion", "cmpl"
-
-    def chunk(self, e: SeqEvent) -> dict:
-        return self.envelope(self.object_name, [{"index": e.index, "text": e.text, "logprobs": self._logprobs([e]),
-                                                 "finish_reason": e.finish_reason}])
-
-    def choice(self, index: int, events: list[SeqEvent]) -> dict:
-        return {"index": index, "text": "".join(e.text for e in events), "logprobs": self._logprobs(events),
-                "finish_reason": events[-1].finish_reason}
-
-    def _logprobs(self, events: list[SeqEvent]) -> dict | None:
-        if not self.logprobs:
-            return None
-        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for e in events:
-            if (lp := e.logprobs) is None:
-                continue
-            text, offset = self.token_text(lp.token_id), self._offsets.get(e.index, 0)
-            out["tokens"].append(text)
-            out["token_logprobs"].append(max(lp.logprob, LOGPROB_FLOOR))
-            out["top_logprobs"].append({self.token_text(t): max(v, LOGPROB_FLOOR) for t, v in lp.top})
-            out["text_offset"].append(offset)
-            self._offsets[e.index] = offset + len(self.tok.decode([lp.token_id]))
-        return out

@@ -39,6 +39,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is fastest for tiny "
                    "models on a busy machine)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    from .cli import add_parallel_args
+
+    add_parallel_args(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -58,22 +61,28 @@ def resolve_model_dir(model: str | None) -> Path:
     return path
 
 
-def build_app(args: argparse.Namespace):
-    """Model, tokenizer, engine and app from parsed flags (split out so tests and benches can reuse it)."""
-    path = resolve_model_dir(args.model)  # before the heavy imports: a wrong path fails in milliseconds
+def build_engine(args: argparse.Namespace, path: Path, plan=None):
+    """Model + engine from parsed flags; `plan` shards the model over a torchrun job."""
     import torch
 
     from .engine import Engine
-    from .server import create_app
-    from .tokenizer import Tokenizer
     from .weights import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    model = load_model(path, dtype=args.dtype, transform=plan)
+    return Engine(model, block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_mb * (1 << 20)),
+                  max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+
+
+def build_app(args: argparse.Namespace, engine=None):
+    """Model, tokenizer, engine and app from parsed flags (split out so tests and benches can reuse it)."""
+    path = resolve_model_dir(args.model)  # before the heavy imports: a wrong path fails in milliseconds
+    from .server import create_app
+    from .tokenizer import Tokenizer
+
     tokenizer = Tokenizer.from_dir(path)
-    model = load_model(path, dtype=args.dtype)
-    engine = Engine(model, block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_mb * (1 << 20)),
-                    max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+    engine = engine or build_engine(args, path)
     name = args.served_model_name or path.resolve().name
     return create_app(engine, tokenizer, name, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)))
 
@@ -84,10 +93,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in LOOPBACK and not args.api_key:
         print(f"ernie45 serve: warning: binding {args.host} without --api-key lets anyone who can reach this "
               "machine use the model", file=sys.stderr)
+    if args.tp * args.ep > 1:
+        return _serve_parallel(args)
     app = build_app(args)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 timeout_graceful_shutdown=args.shutdown_timeout)
     return 0
+
+
+def _serve_parallel(args: argparse.Namespace) -> int:
+    """Under torchrun: rank 0 serves HTTP and broadcasts every step; the other ranks follow."""
+    import uvicorn
+
+    from .distributed import DistributedError, init_parallel, report_failure
+    from .distributed_serve import StepBroadcaster, control_group, follow
+
+    path = resolve_model_dir(args.model)
+    try:
+        plan = init_parallel(args.tp, args.ep, args.dist_timeout)
+        group = control_group()
+        engine = build_engine(args, path, plan)
+        if plan.rank != 0:
+            follow(engine, group)
+            return 0
+        engine.on_batch = StepBroadcaster(group)
+        try:
+            uvicorn.run(build_app(args, engine), host=args.host, port=args.port, log_level=args.log_level,
+                        access_log=False, timeout_graceful_shutdown=args.shutdown_timeout)
+        finally:
+            engine.on_batch.stop()
+        return 0
+    except DistributedError as e:
+        return report_failure(e)
 
 
 def main(argv: list[str] | None = None) -> int:

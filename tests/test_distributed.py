@@ -134,3 +134,42 @@ def test_world_size_mismatch_and_divisibility_errors(hf_checkpoint):
     proc = subprocess.run([sys.executable, "-m", "ernie45", "generate", "--model", "x", "--prompt-ids", "1",
                            "--tp", "2"], capture_output=True, text=True, env=ENV, timeout=60)
     assert proc.returncode == 2 and "launched with 1 process(es) but --tp 2 x --ep 1 = 2" in proc.stderr
+
+
+def test_serve_under_torchrun_rank0_broadcasts_steps(tmp_path):
+    """`torchrun ... -m ernie45 serve --tp 2`: rank 0 serves HTTP; greedy completions equal one process's."""
+    import httpx
+    from test_server import make_checkpoint
+
+    from ernie45.tokenizer import Tokenizer
+
+    path = make_checkpoint(tmp_path / "ckpt")
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "ernie45",
+                             "serve", "--model", str(path), "--port", str(port), "--tp", "2", "--dtype", "float32",
+                             "--kv-cache-mb", "1", "--threads", "1", "--log-level", "warning"],
+                            stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        tok, model = Tokenizer.from_dir(path), load_model(path, dtype=torch.float32)
+        for prompt in ("The lighthouse keeper wrote", "Waves"):
+            body = {"model": "ckpt", "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+            got = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+            assert "choices" in got, got
+            ids = generate(model, tok.encode(prompt), GenerationConfig(max_new_tokens=12, stop_token_ids=()))
+            assert got["choices"][0]["text"] == tok.decode(ids, skip_special_tokens=True)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # torchrun's agent prints its own SignalException traceback
+        proc.wait(60)
+    text = (tmp_path / "serve.log").read_text()
+    assert "distributed job failed" not in text and "DistributedError" not in text, text[-3000:]
