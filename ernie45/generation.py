@@ -72,11 +72,12 @@ def generate_stream(model: Ernie45ForCausalLM, prompt_ids: Sequence[int],
     stops = set(mcfg.eos_token_ids if cfg.stop_token_ids is None else cfg.stop_token_ids)
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     weight = model.model.embed_tokens.weight
-    cache = KVCache(mcfg, 1, total, weight.dtype, weight.device)
+    cache = KVCache(mcfg, 1, total, weight.dtype, weight.device, num_layers=mcfg.num_hidden_layers)  # no MTP
     ids = torch.tensor([list(prompt_ids)], device=weight.device)  # [1, T]
     positions = torch.arange(ids.shape[1], device=weight.device)[None]  # [1, T]
     for _ in range(cfg.max_new_tokens):
-        logits = model(ids, positions, cache)[0, -1]  # [V]
+        hidden = model.model(ids, positions, cache)  # [1, T, D]
+        logits = model.logits(hidden[:, -1:])[0, -1]  # [V]: only the last row goes through the head
         token = sample_token(logits, cfg, gen)
         yield token
         if token in stops:

@@ -27,6 +27,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+RELEASE_MARGIN = 2 * 1024 * 1024  # > the kernel's fault-around window (512 KiB seen here)
 
 
 class CheckpointError(ValueError):
@@ -115,11 +116,15 @@ class SafetensorsFile:
         return flat.view(shape)
 
     def release(self, name: str) -> None:
-        """Drop this tensor's pages from our RSS (they stay in the page cache for other readers)."""
+        """Drop this tensor's pages, and its neighbours', from our RSS (they stay in the page cache).
+
+        The window reaches RELEASE_MARGIN past both ends because the kernel's fault-around maps pages
+        beyond those a read touched; a neighbour that is still needed simply faults back in.
+        """
         info = self.tensors[name]
         page = mmap.PAGESIZE
-        lo = info.start // page * page
-        hi = min(self.size, -(-(info.start + info.nbytes) // page) * page)
+        lo = max(0, info.start - RELEASE_MARGIN) // page * page
+        hi = min(self.size, -(-(info.start + info.nbytes + RELEASE_MARGIN) // page) * page)
         if self._mm is not None and hi > lo and hasattr(mmap, "MADV_DONTNEED"):
             self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
