@@ -131,6 +131,8 @@ def test_world_size_mismatch_and_divisibility_errors(hf_checkpoint):
         check_plan(preset("ERNIE-4.5-300B-A47B"), 3, 1)
     with pytest.raises(ValueError, match="ep=2 needs an MoE model"):
         check_plan(preset("ERNIE-4.5-0.3B"), 1, 2)
+    with pytest.raises(ValueError, match="quantized checkpoints cannot be sharded yet"):
+        check_plan(preset("ERNIE-4.5-21B-A3B").replace(quantization_config={"scheme": "int4"}), 2, 1)
     proc = subprocess.run([sys.executable, "-m", "ernie45", "generate", "--model", "x", "--prompt-ids", "1",
                            "--tp", "2"], capture_output=True, text=True, env=ENV, timeout=60)
     assert proc.returncode == 2 and "launched with 1 process(es) but --tp 2 x --ep 1 = 2" in proc.stderr
