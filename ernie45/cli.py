@@ -74,10 +74,12 @@ def _load_for_launch(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.tp * args.ep == 1:
         return _generate(args)
-    from .distributed import DistributedError, report_failure
+    from .distributed import DistributedError, report_failure, shutdown
 
     try:
-        return _generate(args)
+        code = _generate(args)
+        shutdown()
+        return code
     except DistributedError as e:
         return report_failure(e)
 

@@ -241,6 +241,19 @@ def init_parallel(tp: int, ep: int, timeout_s: float = 300.0) -> ParallelPlan:
     return ParallelPlan(tp, ep, rank, tp_groups[rank // tp], dist.group.WORLD)
 
 
+def shutdown() -> None:
+    """Leave the job cleanly: wait for every rank, then tear the process group down.
+
+    Exiting with gloo's threads still running can abort the process ("terminate called without an
+    active exception") and make torchrun report a failure although the work succeeded.
+    """
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def report_failure(e: BaseException) -> int:
     rank = os.environ.get("RANK", "0")
     print(f"ernie45: rank {rank}: distributed job failed: {e}", file=sys.stderr, flush=True)

@@ -105,7 +105,7 @@ def _serve_parallel(args: argparse.Namespace) -> int:
     """Under torchrun: rank 0 serves HTTP and broadcasts every step; the other ranks follow."""
     import uvicorn
 
-    from .distributed import DistributedError, init_parallel, report_failure
+    from .distributed import DistributedError, init_parallel, report_failure, shutdown
     from .distributed_serve import StepBroadcaster, control_group, follow
 
     path = resolve_model_dir(args.model)
@@ -115,6 +115,7 @@ def _serve_parallel(args: argparse.Namespace) -> int:
         engine = build_engine(args, path, plan)
         if plan.rank != 0:
             follow(engine, group)
+            shutdown()
             return 0
         engine.on_batch = StepBroadcaster(group)
         try:
@@ -122,6 +123,7 @@ def _serve_parallel(args: argparse.Namespace) -> int:
                         access_log=False, timeout_graceful_shutdown=args.shutdown_timeout)
         finally:
             engine.on_batch.stop()
+        shutdown()
         return 0
     except DistributedError as e:
         return report_failure(e)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from ernie45.distributed import ParallelPlan, init_parallel
+from ernie45.distributed import ParallelPlan, init_parallel, shutdown
 from ernie45.generation import GenerationConfig, generate
 from ernie45.weights import load_model
 
@@ -28,3 +28,4 @@ every = [torch.zeros_like(mine) for _ in range(tp * ep)]
 dist.all_gather(every, mine)
 if plan.rank == 0:
     save_file({"logits": logits.contiguous(), "tokens": torch.tensor(tokens), "bf16_bytes": torch.cat(every)}, out)
+shutdown()
