@@ -52,8 +52,18 @@ class WeightFormat:
         return payload + self.num_blocks(rows, cols) * (self.scale_bytes + self.zero_bytes)
 
     def num_blocks(self, rows: int, cols: int) -> int:
-        block_cols = cols if self.block_cols is None else self.block_cols
-        return math.ceil(rows / self.block_rows) * math.ceil(cols / block_cols)
+        return math.ceil(rows / self.block_rows) * math.ceil(cols / self.group_cols(cols))
+
+    def group_cols(self, cols: int) -> int:
+        """Columns per scale. Row groups (int4/int2) that do not divide ``cols`` fall back, as the quantizer
+        does, to the largest divisor below them that is a whole number of packed bytes."""
+        if self.block_cols is None:
+            return cols
+        if self.block_rows != 1 or cols % self.block_cols == 0:
+            return self.block_cols  # fp8 blocks: a partial edge block still has a scale
+        per_byte = 8 // self.bits
+        return next((g for g in range(min(self.block_cols, cols), 0, -1) if cols % g == 0 and g % per_byte == 0),
+                    self.block_cols)
 
 
 # The formats the quantizer writes (kept here, in one place, so both sides agree).

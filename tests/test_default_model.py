@@ -57,3 +57,20 @@ def test_cli_needs_no_model_flag():
     assert len(ids["token_ids"]) >= 1
     chat = run("chat", "--max-new-tokens", "8", "--seed", "0", input="Who art thou?\n/exit\n")
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int2", "mixed-2bit", "fp8"])
+def test_quantized_bytes_on_disk_equal_the_planner(tmp_path, scheme):
+    """Its widths (160, 40) are not multiples of the int4/int2 groups: the fallback groups must agree too."""
+    from ernie45.plan import weight_bytes
+    from ernie45.quant.stream import quantize_checkpoint
+    from ernie45.safetensors_mmap import SafetensorsFile
+
+    quantize_checkpoint(DEFAULT_MODEL_DIR, tmp_path, scheme, "rtn", None, int4_moe_layers=1, progress=False)
+    on_disk = 0
+    for f in tmp_path.glob("*.safetensors"):
+        with SafetensorsFile(f) as r:
+            on_disk += sum(t.nbytes for t in r.tensors.values())
+    cfg = ModelConfig.from_file(DEFAULT_MODEL_DIR)
+    assert on_disk == sum(weight_bytes(cfg, scheme, mtp=True, int4_moe_layers=1).values())
+    assert torch.isfinite(load_model(tmp_path, dtype=torch.float32)(IDS)).all()
