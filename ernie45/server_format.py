@@ -9,6 +9,7 @@ Choices:
 
 from __future__ import annotations
 
+import abc
 import json
 import time
 import uuid
@@ -50,7 +51,7 @@ async def sse_events(stream: GenerationStream, fmt: ResponseFormat, prompt_token
     yield "data: [DONE]\n\n"
 
 
-class ResponseFormat:
+class ResponseFormat(abc.ABC):
     """Response envelopes shared by both endpoints; subclasses lay out the choices."""
 
     object_name = chunk_object = prefix = ""
@@ -89,11 +90,13 @@ class ResponseFormat:
         raw = self.tok.token_bytes(token_id)
         return list(raw) if raw is not None else list(self.tok.decode([token_id]).encode())
 
+    @abc.abstractmethod
     def chunk(self, e: SeqEvent) -> dict:
-        raise NotImplementedError
+        """One streamed event as this endpoint's chunk."""
 
+    @abc.abstractmethod
     def choice(self, index: int, events: list[SeqEvent]) -> dict:
-        raise NotImplementedError
+        """A finished sequence as this endpoint's non-streamed choice."""
 
 
 class ChatFormat(ResponseFormat):
