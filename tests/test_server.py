@@ -266,8 +266,24 @@ def test_32_concurrent_streaming_clients(server):
     assert metric(server, "ernie45_request_errors_total") == 0
 
 
-@pytest.mark.skipif(DEFAULT_MODEL_DIR.exists(), reason="an embedded default model is installed")
-def test_serve_without_model_says_pass_model():
-    proc = subprocess.run([sys.executable, "-m", "ernie45.server_cli", "serve"], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert proc.returncode == 2 and "--model DIR" in proc.stderr
+def test_serve_without_model_uses_the_embedded_default(tmp_path):
+    assert (DEFAULT_MODEL_DIR / "config.json").is_file()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ernie45", "serve", "--port", str(port), "--threads", "1",
+                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        models = httpx.get(url + "/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["default_model"]
+        out = httpx.post(url + "/v1/completions", timeout=60,
+                         json={"model": "default_model", "prompt": "ROMEO:", "max_tokens": 8, "temperature": 0}).json()
+        assert out["choices"][0]["text"]
+    finally:
+        stop_server(proc)
