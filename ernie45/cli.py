@@ -42,9 +42,9 @@ def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
         try:
             return [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         except ValueError:
-            raise SystemExit(f"ernie45: --prompt-ids must be comma-separated integers, got {args.prompt_ids!r}")
+            raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}")
     if tokenizer is None:
-        raise SystemExit(f"ernie45: --prompt needs tokenizer files in {args.model} (tokenizer.model or "
+        raise ValueError(f"--prompt needs tokenizer files in {args.model} (tokenizer.model or "
                          "tokenizer.json); use --prompt-ids instead")
     if args.chat:
         return tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
@@ -60,9 +60,8 @@ def _load_tokenizer(path: Path):
 
 def _load_for_launch(args: argparse.Namespace):
     """Load the model, sharded over the torchrun job when --tp/--ep ask for it. Returns (model, rank)."""
-    from .weights import load_model, resolve_model_dir
+    from .weights import load_model
 
-    args.model = str(resolve_model_dir(args.model))
     if args.tp * args.ep == 1:
         return load_model(args.model, dtype=args.dtype), 0
     from .distributed import init_parallel
@@ -86,12 +85,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from .generation import GenerationConfig, generate_stream
+    from .weights import resolve_model_dir
 
-    model, rank = _load_for_launch(args)
+    args.model = str(resolve_model_dir(args.model))
     tokenizer = _load_tokenizer(Path(args.model)) if args.prompt is not None else None
-    ids = _prompt_ids(args, tokenizer)
+    ids = _prompt_ids(args, tokenizer)  # before the (slow) model load: a bad prompt fails at once
+    model, rank = _load_for_launch(args)
+    stops = None if not args.chat or tokenizer is None else \
+        tuple({*model.config.eos_token_ids, tokenizer.eos_token_id, tokenizer.sep_token_id} - {None})
     gcfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop_token_ids=() if args.ignore_eos else None)
+                            top_p=args.top_p, seed=args.seed, stop_token_ids=() if args.ignore_eos else stops)
     stream = generate_stream(model, ids, gcfg)
     if rank != 0:  # every rank computes (replicated activations); rank 0 speaks
         for _ in stream:
@@ -102,7 +105,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(json.dumps({"token_ids": out}) if args.json else ",".join(map(str, out)))
         return 0
     from .tokenizer import IncrementalDetokenizer
-    detok = IncrementalDetokenizer(tokenizer)
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)  # no "</s>" in the printed text
     for token in stream:
         sys.stdout.write(detok.feed(token))
         sys.stdout.flush()
@@ -188,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,5,9")
     src.add_argument("--prompt", help="prompt text (needs tokenizer files in the checkpoint); streams text")
-    gen.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template as a user turn")
+    gen.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template as a user turn "
+                     "(and stop at the end-of-turn token)")
     _add_sampling_args(gen, temperature=0.0, max_new=32)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     gen.add_argument("--json", action="store_true", help='print {"token_ids": [...]} (new tokens only)')

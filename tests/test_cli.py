@@ -73,7 +73,8 @@ def test_prompt_text_streams_and_chat(tmp_path):
     text = run("generate", "--prompt", "The river", *common).stdout
     ids = json.loads(run("generate", "--prompt-ids", ",".join(map(str, tok.encode("The river"))), "--json",
                          *common).stdout)["token_ids"]
-    assert text == tok.decode(ids) + "\n"
+    assert text == tok.decode(ids, skip_special_tokens=True) + "\n"
     chat_ids = tok.encode_chat([{"role": "user", "content": "The river"}])
     chat = json.loads(run("generate", "--prompt-ids", ",".join(map(str, chat_ids)), "--json", *common).stdout)
-    assert run("generate", "--prompt", "The river", "--chat", *common).stdout == tok.decode(chat["token_ids"]) + "\n"
+    assert run("generate", "--prompt", "The river", "--chat", *common).stdout == \
+        tok.decode(chat["token_ids"], skip_special_tokens=True) + "\n"
