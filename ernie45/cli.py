@@ -77,10 +77,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         code = _generate(args)
-        shutdown()
-        return code
     except DistributedError as e:
         return report_failure(e)
+    shutdown(code)  # does not return
 
 
 def _generate(args: argparse.Namespace) -> int:

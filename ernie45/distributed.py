@@ -241,20 +241,29 @@ def init_parallel(tp: int, ep: int, timeout_s: float = 300.0) -> ParallelPlan:
     return ParallelPlan(tp, ep, rank, tp_groups[rank // tp], dist.group.WORLD)
 
 
-def shutdown() -> None:
-    """Leave the job cleanly: wait for every rank, then tear the process group down.
+def shutdown(code: int = 0) -> None:
+    """Leave the job: wait for every rank, tear the process groups down, and exit with `code` at once.
 
-    Exiting with gloo's threads still running can abort the process ("terminate called without an
-    active exception") and make torchrun report a failure although the work succeeded.
+    Python's own teardown may destroy gloo's process-group objects (still referenced by the sharded
+    model's hooks) while their threads run, which aborts the process ("terminate called without an
+    active exception") and makes torchrun report a failure after the work succeeded; so the process
+    ends with os._exit once output is flushed.
     """
-    if dist.is_initialized():
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+    try:
+        if dist.is_initialized():
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def report_failure(e: BaseException) -> int:
+    """Say why this rank stops, then exit 1 at once (see `shutdown` for why not a normal return)."""
     rank = os.environ.get("RANK", "0")
     print(f"ernie45: rank {rank}: distributed job failed: {e}", file=sys.stderr, flush=True)
-    return 1
+    sys.stdout.flush()
+    os._exit(1)

@@ -115,16 +115,14 @@ def _serve_parallel(args: argparse.Namespace) -> int:
         engine = build_engine(args, path, plan)
         if plan.rank != 0:
             follow(engine, group)
-            shutdown()
-            return 0
+            shutdown(0)
         engine.on_batch = StepBroadcaster(group)
         try:
             uvicorn.run(build_app(args, engine), host=args.host, port=args.port, log_level=args.log_level,
                         access_log=False, timeout_graceful_shutdown=args.shutdown_timeout)
         finally:
             engine.on_batch.stop()
-        shutdown()
-        return 0
+        shutdown(0)
     except DistributedError as e:
         return report_failure(e)
 
