@@ -274,6 +274,20 @@ def preset(name: str) -> ModelConfig:
                       f"{', '.join([*PRESETS, *MINIATURES])}")
 
 
+# The small trained model shipped inside the package (README, "The embedded default model").
+DEFAULT_MODEL_DIR = Path(__file__).parent / "data" / "default_model"
+
+
+def resolve_model_dir(path: str | Path | None) -> Path:
+    """`path`, or the default model shipped inside the package when no path is given (torch-free)."""
+    if path is not None:
+        return Path(path)
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"no --model given and this installation has no embedded default model "
+                                f"({DEFAULT_MODEL_DIR} is missing); pass --model DIR")
+    return DEFAULT_MODEL_DIR
+
+
 def resolve_config(name_or_dir: str | Path) -> ModelConfig:
     """A preset name or a checkpoint directory / config.json path -> ModelConfig."""
     path = Path(name_or_dir)

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "data" / "default_model"
+from .config import DEFAULT_MODEL_DIR, resolve_model_dir as _model_dir
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -46,13 +46,8 @@ def register_cli(subparsers) -> None:
 
 
 def resolve_model_dir(model: str | None) -> Path:
-    """``--model`` or the embedded default model; a clear error when neither exists."""
-    if model is None:
-        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-            raise FileNotFoundError("no embedded default model is installed; pass "
-                             "--model DIR (a checkpoint directory with config.json, weights and tokenizer files)")
-        return DEFAULT_MODEL_DIR
-    path = Path(model)
+    """``--model`` or the embedded default model, with the tokenizer files the server needs."""
+    path = _model_dir(model)
     if not path.is_dir():
         raise FileNotFoundError(f"--model {model} is not a directory; pass a checkpoint directory")
     if not any((path / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):

@@ -21,7 +21,7 @@ from typing import Iterator, Protocol
 import torch
 from tqdm import tqdm
 
-from .config import ModelConfig
+from .config import DEFAULT_MODEL_DIR, ModelConfig, resolve_model_dir  # noqa: F401 (re-exported)
 from .layers import rope_inv_freq
 from .model import Ernie45ForCausalLM, build_model, keeps_fp32
 from .safetensors_mmap import CheckpointError, SafetensorsFile
@@ -105,20 +105,6 @@ def check_keys(model: Ernie45ForCausalLM, shapes: dict[str, tuple[int, ...]]) ->
         elif shape != expected[k] and not is_transposed_mtp_proj(k, shape, cfg):
             problems.append(f"misshaped: {k} is {list(shape)} in the checkpoint, the config implies {list(expected[k])}")
     return problems
-
-
-# ---- the embedded default model ---------------------------------------------------------------------
-DEFAULT_MODEL_DIR = Path(__file__).parent / "data" / "default_model"
-
-
-def resolve_model_dir(path: str | Path | None) -> Path:
-    """`path`, or the default model shipped inside the package when no path is given."""
-    if path is not None:
-        return Path(path)
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-        raise CheckpointError(f"no --model given and this installation has no embedded default model "
-                              f"({DEFAULT_MODEL_DIR} is missing); pass --model DIR")
-    return DEFAULT_MODEL_DIR
 
 
 # ---- loading -----------------------------------------------------------------------------------
