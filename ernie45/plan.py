@@ -311,6 +311,10 @@ def activation_bytes(cfg: ModelConfig, chunk: int, *, shards: Shards | None = No
 
 # Runtime overhead per GPU as a range: CUDA context and library workspaces at least; CUDA graphs, NCCL
 # buffers and allocator caching at most, plus fragmentation of the growing pools (KV, activations).
+# Weights get no fragmentation share: they are allocated once, in large blocks, before anything else.
+# This is memory the process itself allocates; it is planned *inside* each GPU's budget, which is
+# smaller than the card (``gpu_memory_utilization``, ``ernie45.plan_gpus``) for headroom the planner
+# cannot see (other processes, fragmentation the caching allocator cannot return, profiling error).
 OVERHEAD_LOW = GiB * 3 // 4
 OVERHEAD_HIGH = GiB * 3
 FRAGMENTATION_HIGH = 0.05

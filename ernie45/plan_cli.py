@@ -14,7 +14,7 @@ import sys
 
 from .config import ConfigError
 from .plan import COMPONENTS, DEFAULT_PREFILL_CHUNK, KV_DTYPE_BYTES, MIXED_2BIT_INT4_MOE_LAYERS, SCHEMES
-from .plan_gpus import GIB, catalogue
+from .plan_gpus import DEFAULT_GPU_MEMORY_UTILIZATION, GIB, catalogue
 from .plan_parallel import DEFAULT_HOST_BANDWIDTH_GBS
 from .plan_report import PlanRequest, build_report
 
@@ -39,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="tokens per prefill step")
     p.add_argument("--int4-moe-layers", type=int, default=MIXED_2BIT_INT4_MOE_LAYERS,
                    help="mixed-2bit: MoE layers (from the first) whose experts stay int4")
-    p.add_argument("--memory-fraction", type=float, default=1.0,
-                   help="share of each GPU's memory to plan with (0.9 mirrors vLLM's default)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION,
+                   help="share of each GPU's memory the serving engine fills (default "
+                   f"{DEFAULT_GPU_MEMORY_UTILIZATION}, vLLM's default; 1.0 plans with the whole card)")
     p.add_argument("--host-bw", type=float, default=DEFAULT_HOST_BANDWIDTH_GBS,
                    help="host RAM bandwidth in GB/s for offloaded experts")
     p.add_argument("--no-recommend", action="store_true", help="skip the per-GPU-kind recommendations")
@@ -63,7 +64,7 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
                        kv_dtype=args.kv_dtype, gpu=args.gpu, num_gpus=args.num_gpus, tp=args.tp, ep=args.ep,
                        pp=args.pp, offload_experts=args.offload_experts, mtp=args.mtp,
                        prefill_chunk=args.prefill_chunk, int4_moe_layers=args.int4_moe_layers,
-                       memory_fraction=args.memory_fraction, host_bandwidth_gbs=args.host_bw,
+                       gpu_memory_utilization=args.gpu_memory_utilization, host_bandwidth_gbs=args.host_bw,
                        recommendations=not args.no_recommend)
 
 
@@ -144,8 +145,9 @@ def _verdict(fit: str | None) -> str:
 def _answer_lines(r: dict) -> list[str]:
     if r["gpu"] is None:
         return []
-    req = r["request"]
-    out = [f"Usable per GPU: {r['gpu']['usable_bytes'] * req['memory_fraction'] / GIB:.2f} GiB"]
+    req, gpu = r["request"], r["gpu"]
+    out = [f"Budget per GPU: {gpu['budget_bytes'] / GIB:.2f} GiB ({gpu['gpu_memory_utilization']} x "
+           f"{gpu['usable_bytes'] / GIB:.2f} GiB usable)"]
     if r["min_gpus"]:
         out.append(f"Fewest {r['gpu']['name']} that fit: {r['min_gpus']['count']}")
     if r["max_context"] is not None:
@@ -158,7 +160,8 @@ def _answer_lines(r: dict) -> list[str]:
 
 
 def _recommendation_lines(rows: list[dict], req: dict) -> list[str]:
-    out = [f"Fewest GPUs per kind (context {req['context']:,}, batch {req['batch']})",
+    out = [f"Fewest GPUs per kind (context {req['context']:,}, batch {req['batch']}, "
+           f"gpu_memory_utilization {req['gpu_memory_utilization']})",
            f"  {'GPU':<16}{'memory':<24}{'min':>4}  {'tp/ep/pp':<10}{'max ctx':>9}{'max seqs':>10}{'tok/s':>9}"]
     for row in rows:
         if row["min_gpus"] is None:

@@ -1,7 +1,21 @@
 """The GPU catalogue of the planner (``ernie45/data/gpus.json``) and GPU names as users write them.
 
 Owns: loading the catalogue into :class:`Gpu` rows, matching ``H100``, ``h100-sxm``, ``A100 80GB``,
-``RTX4090`` ... case- and punctuation-insensitively, and the GiB / GB labels the reports print.
+``RTX4090`` ... case- and punctuation-insensitively, the GiB / GB labels the reports print, and the
+memory budget the planner fills on one GPU.
+
+Two fractions stand between a card's memory and the planner's budget, and they are kept apart:
+
+* ``usable_fraction`` (catalogue, per GPU) is what the platform lets a GPU program allocate at all:
+  1.0 for discrete cards, about 3/4 for Apple unified memory (macOS's GPU wired-memory limit).
+* ``gpu_memory_utilization`` (per request, default :data:`DEFAULT_GPU_MEMORY_UTILIZATION`) is the share
+  of that a serving engine lets itself fill, as vLLM's ``gpu_memory_utilization`` (default 0.9) does;
+  SGLang's ``mem_fraction_static`` (about 0.8-0.88 by default) is the same idea for the weights and
+  the KV pool alone. The rest is headroom the planner cannot see: other processes on the GPU,
+  fragmentation the caching allocator cannot hand back, and the error of the engine's own memory
+  profiling. The planner's own overhead term (CUDA
+  context, NCCL buffers, cuBLAS workspaces, CUDA graphs; ``ernie45.plan.overhead_bytes``) is counted
+  *inside* the budget, as vLLM counts non-torch memory inside its share.
 
 A name that is a prefix of several entries resolves only when they all have the same memory (``H100`` is
 written for the SXM part; PCIe has the same 80 GB); ``A100`` is refused because 40 GB and 80 GB differ
@@ -17,12 +31,14 @@ from functools import lru_cache
 from importlib import resources
 
 GIB, GB = 1 << 30, 10**9
+# vLLM's default gpu_memory_utilization (EngineArgs): the share of a GPU the engine plans to fill.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 _VENDOR_WORDS = ("nvidia", "geforce", "amd", "instinct", "apple")
 
 
 @dataclass(frozen=True)
 class Gpu:
-    """One catalogued accelerator; ``usable_bytes`` is what the planner fills."""
+    """One catalogued accelerator; ``usable_bytes`` is what a GPU program may allocate on it."""
 
     name: str
     memory_bytes: int
@@ -37,6 +53,11 @@ class Gpu:
     def usable_bytes(self) -> int:
         return int(self.memory_bytes * self.usable_fraction)
 
+    def budget_bytes(self, utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION) -> int:
+        """Bytes the planner lets one GPU fill: ``usable_bytes x utilization`` (see the module docstring)."""
+        check_utilization(utilization)
+        return int(self.usable_bytes * utilization)
+
     @property
     def memory_label(self) -> str:
         return memory_label(self.memory_bytes)
@@ -46,6 +67,12 @@ class Gpu:
                 "usable_bytes": self.usable_bytes, "usable_fraction": self.usable_fraction,
                 "vendor_memory": self.vendor_memory, "memory_basis": self.memory_basis,
                 "bandwidth_gbs": self.bandwidth_gbs, "source": self.source}
+
+
+def check_utilization(utilization: float) -> None:
+    if not 0 < utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1] (got {utilization}); "
+                         f"vLLM's default is {DEFAULT_GPU_MEMORY_UTILIZATION}")
 
 
 def memory_label(nbytes: int) -> str:

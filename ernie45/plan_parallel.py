@@ -289,14 +289,18 @@ def best_layout(place: Placement, n: int) -> tuple[Layout, list[StageMemory]] | 
     return None if best is None else (best[1], best[2])
 
 
-def min_gpus(place: Placement, usable_bytes: int, max_gpus: int = 64) -> tuple[Layout, list[StageMemory]] | None:
-    """Fewest GPUs of ``usable_bytes`` each whose best layout fits with the high overhead estimate."""
+def min_gpus(place: Placement, budget_bytes: int, max_gpus: int = 64) -> tuple[Layout, list[StageMemory]] | None:
+    """Fewest GPUs of ``budget_bytes`` each whose best layout fits with the high overhead estimate.
+
+    ``budget_bytes`` is what one GPU may fill (``Gpu.budget_bytes``: its usable memory times the
+    engine's ``gpu_memory_utilization``), here and in :func:`max_context` / :func:`max_sequences`.
+    """
     gpu_weights = sum(sum(w.gpu.values()) for w in place.stage_weights(Layout()))
-    room = usable_bytes - OVERHEAD_HIGH
+    room = budget_bytes - OVERHEAD_HIGH
     start = max(1, math.ceil(gpu_weights / room)) if room > 0 else max_gpus + 1
     for n in range(start, max_gpus + 1):
         found = best_layout(place, n)
-        if found and peak_bytes(found[1]) <= usable_bytes:
+        if found and peak_bytes(found[1]) <= budget_bytes:
             return found
     return None
 
@@ -311,17 +315,17 @@ def _largest(fits, lo: int, hi: int) -> int:
     return lo
 
 
-def max_context(place: Placement, layout: Layout, usable_bytes: int) -> int:
+def max_context(place: Placement, layout: Layout, budget_bytes: int) -> int:
     """Longest context (<= the model's maximum) for the workload's batch that fits; 0 if none."""
     def fits(tokens: int) -> bool:
-        return peak_bytes(stage_memory(place, layout, replace(place.work, context=tokens))) <= usable_bytes
+        return peak_bytes(stage_memory(place, layout, replace(place.work, context=tokens))) <= budget_bytes
     return max(_largest(fits, 1, place.cfg.max_position_embeddings), 0)
 
 
-def max_sequences(place: Placement, layout: Layout, usable_bytes: int, cap: int = 1 << 20) -> int:
+def max_sequences(place: Placement, layout: Layout, budget_bytes: int, cap: int = 1 << 20) -> int:
     """Most concurrent sequences of the workload's context that fit; 0 if none."""
     def fits(batch: int) -> bool:
-        return peak_bytes(stage_memory(place, layout, replace(place.work, batch=batch))) <= usable_bytes
+        return peak_bytes(stage_memory(place, layout, replace(place.work, batch=batch))) <= budget_bytes
     return max(_largest(fits, 1, cap), 0)
 
 

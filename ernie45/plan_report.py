@@ -6,8 +6,10 @@ Owns: :class:`PlanRequest` (the inputs of the CLI and the page), choosing the la
 the fit verdict and the per-GPU-kind recommendations. The arithmetic itself is in :mod:`ernie45.plan`
 and :mod:`ernie45.plan_parallel`.
 
-Fit verdict: ``yes`` when the high overhead estimate fits, ``tight`` when only the low one does,
-``no`` otherwise, ``invalid`` when the layout cannot run (the reasons are in ``layout_errors``).
+Fit verdict, against each GPU's budget (``usable_bytes x gpu_memory_utilization``, default 0.9 as vLLM;
+see :mod:`ernie45.plan_gpus`): ``yes`` when the high overhead estimate fits, ``tight`` when only the low
+one does, ``no`` otherwise, ``invalid`` when the layout cannot run (the reasons are in ``layout_errors``).
+The fewest GPUs, the maximum context and the maximum sequences are searched against the same budget.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .config import ModelConfig, resolve_config
 from .plan import (DEFAULT_PREFILL_CHUNK, KV_DTYPE_BYTES, MIXED_2BIT_INT4_MOE_LAYERS, SCHEMES, Shards,
                    activation_bytes, active_weight_bytes, kv_bytes_per_token, overhead_bytes, param_counts,
                    weight_bytes)
-from .plan_gpus import Gpu, catalogue, find_gpu
+from .plan_gpus import DEFAULT_GPU_MEMORY_UTILIZATION, Gpu, catalogue, check_utilization, find_gpu
 from .plan_parallel import (DEFAULT_HOST_BANDWIDTH_GBS, Layout, Placement, Workload, best_layout, decode_bound,
                             max_context, max_sequences, min_gpus, peak_bytes, stage_memory)
 
@@ -41,7 +43,7 @@ class PlanRequest:
     mtp: bool = False
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     int4_moe_layers: int = MIXED_2BIT_INT4_MOE_LAYERS
-    memory_fraction: float = 1.0
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     host_bandwidth_gbs: float = DEFAULT_HOST_BANDWIDTH_GBS
     recommendations: bool = True
 
@@ -58,8 +60,7 @@ class PlanRequest:
             value = getattr(self, name)
             if value is not None and not 1 <= value <= 4096:
                 raise ValueError(f"{name} must be between 1 and 4096 (got {value})")
-        if not 0 < self.memory_fraction <= 1:
-            raise ValueError(f"memory_fraction must be in (0, 1] (got {self.memory_fraction})")
+        check_utilization(self.gpu_memory_utilization)
         if self.int4_moe_layers < 0 or self.host_bandwidth_gbs <= 0:
             raise ValueError("int4_moe_layers must be >= 0 and host_bandwidth_gbs > 0")
 
@@ -101,21 +102,26 @@ def whole_model(cfg: ModelConfig, req: PlanRequest) -> dict:
             "overhead": {"low": low, "high": high}, "total": {"low": base + low, "high": base + high}}
 
 
-def fit_verdict(stages, usable: int) -> str:
-    if peak_bytes(stages, high=True) <= usable:
+def fit_verdict(stages, budget: int) -> str:
+    if peak_bytes(stages, high=True) <= budget:
         return "yes"
-    return "tight" if peak_bytes(stages, high=False) <= usable else "no"
+    return "tight" if peak_bytes(stages, high=False) <= budget else "no"
 
 
-def _usable(gpu: Gpu, req: PlanRequest) -> int:
-    return int(gpu.usable_bytes * req.memory_fraction)
+def _budget(gpu: Gpu, req: PlanRequest) -> int:
+    return gpu.budget_bytes(req.gpu_memory_utilization)
+
+
+def _gpu_info(gpu: Gpu, req: PlanRequest) -> dict:
+    return {**gpu.to_dict(), "gpu_memory_utilization": req.gpu_memory_utilization,
+            "budget_bytes": _budget(gpu, req)}
 
 
 def _capacity_answers(place: Placement, layout: Layout, gpu: Gpu, req: PlanRequest) -> dict:
-    usable = _usable(gpu, req)
+    budget = _budget(gpu, req)
     bound = decode_bound(place, layout, gpu.bandwidth_gbs, req.host_bandwidth_gbs)
-    return {"max_context": max_context(place, layout, usable),
-            "max_sequences": max_sequences(place, layout, usable),
+    return {"max_context": max_context(place, layout, budget),
+            "max_sequences": max_sequences(place, layout, budget),
             "decode_bound": bound.to_dict()}
 
 
@@ -124,8 +130,9 @@ def recommendations(place: Placement, req: PlanRequest) -> list[dict]:
     out = []
     for gpu in catalogue():
         row = {"gpu": gpu.name, "memory_label": gpu.memory_label, "memory_bytes": gpu.memory_bytes,
-               "usable_bytes": _usable(gpu, req), "bandwidth_gbs": gpu.bandwidth_gbs, "min_gpus": None}
-        found = min_gpus(place, _usable(gpu, req), MAX_GPUS)
+               "usable_bytes": gpu.usable_bytes, "budget_bytes": _budget(gpu, req),
+               "bandwidth_gbs": gpu.bandwidth_gbs, "min_gpus": None}
+        found = min_gpus(place, _budget(gpu, req), MAX_GPUS)
         if found:
             layout, stages = found
             row.update(min_gpus=layout.num_gpus, layout=layout.to_dict(), peak_bytes=peak_bytes(stages),
@@ -145,7 +152,7 @@ def _choose_layout(place: Placement, req: PlanRequest, gpu: Gpu | None) -> tuple
                              "try another count (heads and expert widths must split evenly)")
         return found[0], "best layout for num_gpus"
     if gpu is not None:
-        found = min_gpus(place, _usable(gpu, req), MAX_GPUS)
+        found = min_gpus(place, _budget(gpu, req), MAX_GPUS)
         return (found[0], "fewest GPUs that fit") if found else (None, f"does not fit in {MAX_GPUS} GPUs")
     return Layout(), "one GPU (no GPU named)"
 
@@ -158,7 +165,7 @@ def build_report(req: PlanRequest) -> dict:
     place = Placement(cfg, req.workload())
     layout, why = _choose_layout(place, req, gpu)
     report = {"request": asdict(req), "model": _model_info(cfg, req),
-              "whole_model": whole_model(cfg, req), "gpu": gpu.to_dict() if gpu else None,
+              "whole_model": whole_model(cfg, req), "gpu": _gpu_info(gpu, req) if gpu else None,
               "layout": layout.to_dict() if layout else None, "layout_reason": why, "layout_errors": [],
               "per_gpu": [], "host_bytes": 0, "fit": None, "fits": None, "min_gpus": None,
               "max_context": None, "max_sequences": None, "decode_bound": None}
@@ -167,7 +174,7 @@ def build_report(req: PlanRequest) -> dict:
     elif gpu is not None:
         report.update(fit="no", fits=False)
     if gpu is not None:
-        found = min_gpus(place, _usable(gpu, req), MAX_GPUS)
+        found = min_gpus(place, _budget(gpu, req), MAX_GPUS)
         report["min_gpus"] = {"count": found[0].num_gpus, "layout": found[0].to_dict()} if found else None
     report["warnings"] = _warnings(cfg, req)
     report["recommendations"] = recommendations(place, req) if req.recommendations else []
@@ -193,7 +200,7 @@ def _layout_answers(place: Placement, layout: Layout, gpu: Gpu | None, req: Plan
            "host_bytes": sum(s.host_weights * s.gpus for s in stages)}
     if gpu is None:
         return out
-    verdict = "invalid" if errors else fit_verdict(stages, _usable(gpu, req))
+    verdict = "invalid" if errors else fit_verdict(stages, _budget(gpu, req))
     out.update(fit=verdict, fits=verdict == "yes")
     if not errors:
         out.update(_capacity_answers(place, layout, gpu, req))

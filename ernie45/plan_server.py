@@ -24,7 +24,7 @@ from .plan_report import PlanRequest, build_report
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
        "img-src data:; base-uri 'none'; form-action 'self'")
 _INT = ("context", "batch", "num_gpus", "tp", "ep", "pp", "prefill_chunk", "int4_moe_layers")
-_FLOAT = ("memory_fraction", "host_bandwidth_gbs")
+_FLOAT = ("gpu_memory_utilization", "host_bandwidth_gbs")
 _BOOL = ("offload_experts", "mtp", "recommendations")
 _STR = ("model", "quant", "kv_dtype", "gpu")
 

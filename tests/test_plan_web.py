@@ -66,6 +66,7 @@ def test_api_plan_equals_build_report(base_url):
     ("model=ERNIE-4.5-21B-A3B&context=0", "context must be >= 1"),
     ("model=ERNIE-4.5-21B-A3B&context=10&mtp=maybe", "mtp must be true or false"),
     ("model=ERNIE-4.5-21B-A3B&context=10&num_gpus=3&tp=2", "uses 2 GPUs"),
+    ("model=ERNIE-4.5-21B-A3B&context=10&gpu_memory_utilization=0", "gpu_memory_utilization must be in (0, 1]"),
 ])
 def test_api_bad_input_is_400_with_a_message(base_url, query, message):
     status, headers, body = _get(f"{base_url}/api/plan?{query}")
@@ -172,7 +173,8 @@ def _expected_segments(stage: dict) -> list[tuple[str, int]]:
 
 @pytest.mark.parametrize("query", [
     dict(model=B300, quant="int4", context=131072, gpu="H100"),
-    dict(model=B21, quant="mixed-2bit", context=65536, batch=4, gpu="RTX4090", tp=2, offload_experts="true"),
+    dict(model=B21, quant="mixed-2bit", context=65536, batch=4, gpu="RTX4090", tp=2, offload_experts="true",
+         gpu_memory_utilization=0.8),
 ])
 def test_page_chart_and_recommendations_equal_the_api(base_url, tmp_path, query):
     page = _page(base_url, query, tmp_path / "profile")
@@ -180,7 +182,8 @@ def test_page_chart_and_recommendations_equal_the_api(base_url, tmp_path, query)
     _, _, body = _get(f"{base_url}/api/plan?{urlencode(query)}")
     api = json.loads(body)
     assert page.segments == {st["stage"]: _expected_segments(st) for st in api["per_gpu"]}
-    assert page.capacity == api["gpu"]["usable_bytes"]
+    assert page.capacity == api["gpu"]["budget_bytes"] == int(page.fields["budget_bytes"])
+    assert api["request"]["gpu_memory_utilization"] == query.get("gpu_memory_utilization", 0.9)
     assert int(page.fields["weights_total"]) == api["whole_model"]["weights_total"]
     assert int(page.fields["kv_cache"]) == api["whole_model"]["kv_cache"]
     assert page.fields["fit"] == api["fit"]
