@@ -48,6 +48,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
     return torch.matmul(probs, v).transpose(1, 2)  # [B, T, Nq, Dh]
 
 
+def attend_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+               k_pos: torch.Tensor) -> torch.Tensor:
+    """`attend`'s result without copying K/V per query head, with fp32 matmuls on any CPU.
+
+    Query heads are grouped under their KV head ([B, Nkv, G*T, Dh] against [B, Nkv, S, Dh]) instead of
+    repeating K/V G times. The two matmuls run on fp32 copies and are rounded back to the activation
+    dtype exactly where `attend` rounds (bf16 matmul accumulates in fp32 and rounds its output, and
+    CPUs without native bf16 run it several times slower), so the two agree up to summation order.
+    Same shapes and masking rules as `attend`.
+    """
+    B, T, Nq, Dh = q.shape
+    Nkv, S = k.shape[2], k.shape[1]
+    G, dtype = Nq // Nkv, q.dtype
+    qg = q.view(B, T, Nkv, G, Dh).permute(0, 2, 3, 1, 4).reshape(B, Nkv, G * T, Dh)  # rows g-major, then t
+    scores = torch.matmul(qg.float(), k.permute(0, 2, 3, 1).float()).to(dtype) * Dh ** -0.5  # [B, Nkv, G*T, S]
+    visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)  # [B, T, S]
+    scores = scores.view(B, Nkv, G, T, S).masked_fill(~visible[:, None, None], torch.finfo(dtype).min)
+    probs = torch.softmax(scores.view(B, Nkv, G * T, S), dim=-1, dtype=torch.float32).to(dtype)
+    out = torch.matmul(probs.float(), v.transpose(1, 2).float()).to(dtype)  # [B, Nkv, G*T, Dh]
+    return out.view(B, Nkv, G, T, Dh).permute(0, 3, 1, 2, 4).reshape(B, T, Nq, Dh)
+
+
 class Attention(nn.Module):
     """q/k/v/o projections without biases; names match `self_attn.{q,k,v,o}_proj` in checkpoints."""
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 # Feature modules that add their own subcommand through `register_cli(subparsers)`.
-PLUGIN_MODULES = ("ernie45.plan_cli", "ernie45.train.cli", "ernie45.server_cli", "ernie45.quant.cli")
+PLUGIN_MODULES = ("ernie45.plan_cli", "ernie45.train.cli", "ernie45.server_cli", "ernie45.quant.cli", "ernie45.bench")
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -304,4 +304,10 @@ MINIATURES: dict[str, dict[str, Any]] = {
         PRESETS["ERNIE-4.5-300B-A47B"], vocab_size=1024, hidden_size=128, intermediate_size=448,
         num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=1, head_dim=16, moe_intermediate_size=56,
         moe_layer_start_index=2, moe_layer_end_index=5, max_position_embeddings=4096, torch_dtype="float32"),
+    # The speed benchmark's "medium" model (shared/spec/field-notes.md): the 21B-A3B structure (shared
+    # experts, top-6 of 64, tied head, first layer dense) at 516.9 M params / 197.6 M active, real vocab.
+    "bench-medium": dict(
+        PRESETS["ERNIE-4.5-21B-A3B"], hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
+        num_attention_heads=16, num_key_value_heads=2, head_dim=128, moe_intermediate_size=256,
+        moe_layer_start_index=1, moe_layer_end_index=7, num_nextn_predict_layers=0, torch_dtype="float32"),
 }

@@ -4,8 +4,8 @@ One `step()` = one scheduler decision + one model call over every scheduled toke
 flattened into a single row `[1, N]` (decodes and prefill chunks mixed), + one batched sampling call.
 The model sees the paged cache only through `PagedAttentionCache.attention` (attention.py's one
 method): it writes this step's K/V into the requests' slots, gathers each request's blocks into a
-padded `[R, S, Nkv, Dh]` view and runs the reference attention with position masks — no Python loop
-over requests or tokens inside the model call. Only the rows that need a token go through the LM head.
+padded `[R, S, Nkv, Dh]` view and runs grouped-query attention (`attend_gqa`) with position masks — no
+Python loop over requests or tokens inside the model call. Only the rows that need a token go through the LM head.
 
 The engine has no tokenizer and no clock: text, stop strings and HTTP live in the server layer,
 which calls `finish()` when a stop string matches.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import attend
+from .attention import attend_gqa
 from .kv_cache import BlockPool, PagedKVCache, num_blocks_for_bytes, slot_mapping
 from .model import Ernie45ForCausalLM
 from .sampling import Sampler, SamplingParams, TokenLogprobs
@@ -81,7 +81,7 @@ class PagedAttentionCache:
         q_pad[b.seq_idx, b.offsets] = q[0]
         q_pos = torch.full((R, T), -1, dtype=torch.long)
         q_pos[b.seq_idx, b.offsets] = positions[0]
-        out = attend(q_pad, keys.to(q.dtype), values.to(q.dtype), q_pos, k_pos)  # [R, T, Nq, Dh]
+        out = attend_gqa(q_pad, keys.to(q.dtype), values.to(q.dtype), q_pos, k_pos)  # [R, T, Nq, Dh]
         return out[b.seq_idx, b.offsets][None]
 
 

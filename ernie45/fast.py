@@ -1,0 +1,192 @@
+"""The fast CPU path: a module swap that routes decode-sized matmuls to the kernels in `kernels/`.
+
+`accelerate(model)` changes the class of the model's linear layers, expert stacks and head in place
+(`nn.Linear` -> `FastLinear`, `moe.Experts` -> `FastExperts`, `QuantLinear` -> `FastQuantLinear`,
+`QuantExperts` -> `FastQuantExperts`): parameters, names, hooks and checkpoints stay exactly as they
+were, only `forward` changes, and `reference(model)` swaps back. Each fast class is a subclass of the
+module it replaces and is tested against it (tests/test_fast.py).
+
+What runs where (rows = tokens in this call):
+- up to DECODE_ROWS rows, kernel available: `kernels.gemv` reads the weight once in its stored format
+  (fp32, bf16, int8, int4, int2) with fp32 activations; the result is cast to the activation dtype,
+  exactly where F.linear would round.
+- one token through the routed experts: `kernels.moe_token`, all selected experts in one call, in
+  ascending expert id, with the bf16 reference's rounding points when the model is bf16 — so a bf16
+  model's decode equals the reference up to summation order inside dot products.
+- many rows with bf16 weights (prefill): an fp32 GEMM on the up-cast weight (CPUs without native bf16
+  run bf16 GEMM ~5x slower: field-notes), rounded back to bf16.
+- anything else: the module's own forward.
+
+Shape legend: M rows, K in, N out, T tokens, P (token, expert) pairs, D hidden, F expert width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .moe import Experts
+from .quant.modules import QuantExperts, QuantLinear, QuantWeight
+
+DECODE_ROWS = 16  # rows up to which the GEMV kernels beat a GEMM (the weight is re-read from L1 per row)
+
+
+def plain_weights(w: torch.Tensor) -> kernels.Weights | None:
+    """fp32/bf16 rows [*, N, K] as kernel weights, or None when the kernels cannot take them."""
+    if not kernels.available() or w.device.type != "cpu" or not kernels.supports(w.dtype, w.shape[-1]) \
+            or not w.is_contiguous():
+        return None
+    return kernels.Weights(w.dtype, w.detach(), w.shape[-1])
+
+
+def quant_weights(q: QuantWeight) -> kernels.Weights | None:
+    """A QuantWeight's stored tensors as kernel weights (int8/int4/int2), or None."""
+    fmt = q.fmt.name
+    if not kernels.available() or q.qweight.device.type != "cpu" \
+            or not kernels.supports(fmt, q.in_features, q.group_size):
+        return None
+    zeros = getattr(q, "zeros", None)
+    return kernels.Weights(fmt, q.qweight.detach(), q.in_features, q.scales.detach(),
+                           None if zeros is None else zeros.detach(), q.group_size)
+
+
+def _storage_key(*tensors: torch.Tensor | None) -> tuple:
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors if t is not None)
+
+
+def _cached(module: nn.Module, key: str, tensors: tuple, make):
+    cache = module.__dict__.setdefault("_kernel_weights", {})
+    probe = _storage_key(*tensors)
+    hit = cache.get(key)
+    if hit is None or hit[0] != probe:
+        hit = cache[key] = (probe, make())
+    return hit[1]
+
+
+def prefill_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w^T: bf16 weights on CPU go through an fp32 GEMM (no native bf16 here), else F.linear."""
+    if w.dtype == torch.bfloat16 and w.device.type == "cpu":
+        return F.linear(x.float(), w.float()).to(x.dtype)
+    return F.linear(x, w)
+
+
+def kernel_linear(x: torch.Tensor, weights: kernels.Weights | None, fallback) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x.dtype via the GEMV kernel when few rows, else `fallback(x2d)`."""
+    flat = x.reshape(-1, x.shape[-1])
+    if weights is not None and flat.shape[0] <= DECODE_ROWS and x.device.type == "cpu":
+        out = kernels.gemv(weights, flat).to(x.dtype)
+    else:
+        out = fallback(flat)
+    return out.unflatten(0, x.shape[:-1])
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear (bias-free) with kernel decode and fp32 prefill for bf16 weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            return super().forward(x)
+        weights = _cached(self, "w", (self.weight,), lambda: plain_weights(self.weight))
+        return kernel_linear(x, weights, lambda flat: prefill_linear(flat, self.weight))
+
+
+class FastQuantLinear(QuantLinear):
+    """QuantLinear whose few-row matmuls read the stored codes with the kernels (fp32 activations)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = _cached(self, "w", (self.qweight, self.scales), lambda: quant_weights(self))
+        return kernel_linear(x, weights, lambda flat: self.matmul(flat))
+
+
+class _FastGrouped:
+    """`grouped` for stacked experts: one kernel call for a single token, kernels per expert for few rows."""
+
+    def _stack(self) -> tuple[kernels.Weights | None, ...]:
+        raise NotImplementedError
+
+    def grouped(self, x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Sum over pairs [P] of weight * E_expert(x[token]) -> [T, D]; `Experts.grouped`'s contract."""
+        stack = self._stack()
+        if None in stack or x.device.type != "cpu":
+            return super().grouped(x, token, expert, weight)
+        gate, up, down = stack
+        if x.shape[0] == 1:  # one token: every selected expert in one kernel call, ascending expert id
+            order = torch.argsort(expert)
+            y = torch.zeros(x.shape[-1])
+            kernels.moe_token(gate, up, down, expert[order], weight[order].float(), x[0], y,
+                              bf16=x.dtype == torch.bfloat16)
+            return y.to(x.dtype)[None]
+        return super().grouped(x, token, expert, weight)
+
+
+class FastExperts(_FastGrouped, Experts):
+    """moe.Experts with the kernel paths; per-expert matmuls of many rows run as fp32 GEMMs for bf16."""
+
+    def _stack(self):
+        params = (self.gate_proj, self.up_proj, self.down_proj)
+        return _cached(self, "stack", params, lambda: tuple(plain_weights(p) for p in params))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
+        gate, up, down = self._stack()
+        g = kernel_linear(x, None if gate is None else _row(gate, e), lambda f: prefill_linear(f, self.gate_proj[e]))
+        u = kernel_linear(x, None if up is None else _row(up, e), lambda f: prefill_linear(f, self.up_proj[e]))
+        h = self.act(g) * u
+        return kernel_linear(h, None if down is None else _row(down, e), lambda f: prefill_linear(f, self.down_proj[e]))
+
+
+class FastQuantExperts(_FastGrouped, QuantExperts):
+    """QuantExperts with the single-token kernel path."""
+
+    def _stack(self):
+        qs = (self.gate_proj, self.up_proj, self.down_proj)
+        return _cached(self, "stack", tuple(q.qweight for q in qs), lambda: tuple(quant_weights(q) for q in qs))
+
+
+def _row(stack: kernels.Weights, e: int) -> kernels.Weights:
+    """Expert e of stacked kernel weights as a 2-D Weights (views, no copy)."""
+    sub = stack.scales[e] if stack.scales is not None else None
+    zeros = stack.zeros[e] if stack.zeros is not None else None
+    kind = next(k for k, v in kernels.KINDS.items() if v == stack.kind)
+    return kernels.Weights(kind, stack.data[e], stack.in_features, sub, zeros, stack.group)
+
+
+SWAPS = {nn.Linear: FastLinear, Experts: FastExperts, QuantLinear: FastQuantLinear, QuantExperts: FastQuantExperts}
+REVERSE = {v: k for k, v in SWAPS.items()}
+
+
+def accelerate(model: nn.Module) -> nn.Module:
+    """Swap in the fast classes (exact types only: parallel subclasses keep their own forward).
+
+    Without kernels (no AVX2/FMA or no compiler) only the fp32-prefill rule for bf16 weights applies.
+    """
+    for m in model.modules():
+        fast = SWAPS.get(type(m))
+        if fast is not None:
+            m.__class__ = fast
+    head = getattr(model, "head_weight", None)
+    if head is not None and "project" not in model.__dict__:  # a parallel plan's head stays its own
+        project = lambda x: _project(model, x)  # noqa: E731
+        project.fast = True
+        model.project = project
+    return model
+
+
+def _project(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    w = model.head_weight()
+    weights = _cached(model, "head", (w,), lambda: plain_weights(w))
+    return kernel_linear(x, weights, lambda flat: prefill_linear(flat, w))
+
+
+def reference(model: nn.Module) -> nn.Module:
+    """Undo `accelerate`: the plain modules and head again."""
+    for m in model.modules():
+        plain = REVERSE.get(type(m))
+        if plain is not None:
+            m.__class__ = plain
+            m.__dict__.pop("_kernel_weights", None)
+    if getattr(model.__dict__.get("project"), "fast", False):
+        del model.project
+    model.__dict__.pop("_kernel_weights", None)
+    return model

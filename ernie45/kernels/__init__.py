@@ -1,0 +1,186 @@
+"""CPU decode kernels (gemv.c), compiled on first use and called through ctypes.
+
+Why: a decode step reads every active weight once, so its speed is memory bandwidth. torch's CPU GEMV
+is fine for fp32, but without native bf16 its bf16 GEMV is compute-bound (field-notes: ~5.5 G weights/s)
+and its weight-only int8/int4 kernels want bf16 activations; a loop over experts also costs many small
+torch calls per token. gemv.c reads bf16/int8/int4/int2 weights directly with fp32 activations and runs
+a token's selected experts in one call.
+
+Build: `gcc -O3 -mavx2 -mfma -fopenmp -shared` into `$ERNIE45_KERNEL_CACHE` (default
+`~/.cache/ernie45/kernels`), keyed by the source's hash; the library links `libgomp.so.1`, which resolves
+to the OpenMP runtime torch already loaded, so both share one thread pool. No compiler, no AVX2/FMA, or
+`ERNIE45_KERNELS=0` -> `available()` is False with the reason in `unavailable_reason()`, and callers use
+their torch paths.
+
+Shapes: M activation rows, K in features, N out features, E experts, D hidden, F expert width.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("gemv.c")
+KINDS = {torch.float32: 0, torch.bfloat16: 1, "int8": 2, "int4": 3, "int2": 4}
+K_ALIGN = 16  # the plain kernels consume 16 columns per iteration
+
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None
+
+
+class WView(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("ld", ctypes.c_long), ("s", ctypes.c_void_p), ("z", ctypes.c_void_p),
+                ("sld", ctypes.c_long), ("kind", ctypes.c_int), ("group", ctypes.c_int)]
+
+
+def _cpu_ok() -> str | None:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "cannot read /proc/cpuinfo to check for AVX2/FMA"
+    missing = [f for f in ("avx2", "fma") if f" {f}" not in flags]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
+
+
+def _build() -> ctypes.CDLL:
+    src = SOURCE.read_bytes()
+    cache = Path(os.environ.get("ERNIE45_KERNEL_CACHE", Path.home() / ".cache" / "ernie45" / "kernels"))
+    lib = cache / f"gemv-{hashlib.sha256(src).hexdigest()[:16]}.so"
+    if not lib.exists():
+        cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+        if cc is None:
+            raise RuntimeError("no C compiler (gcc) on PATH; install gcc to enable the fast decode kernels")
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        cmd = [cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", str(SOURCE), "-o", tmp, "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[:500]}")
+        os.replace(tmp, lib)  # atomic: concurrent first uses never load a half-written library
+    handle = ctypes.CDLL(str(lib))
+    handle.ernie45_gemv.restype = None
+    handle.ernie45_moe_token.restype = None
+    return handle
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first call; None when unavailable."""
+    global _lib, _reason
+    if _lib is None and _reason is None:
+        if os.environ.get("ERNIE45_KERNELS", "1") == "0":
+            _reason = "disabled by ERNIE45_KERNELS=0"
+        else:
+            _reason = _cpu_ok()
+            if _reason is None:
+                try:
+                    _lib = _build()
+                except (RuntimeError, OSError) as e:
+                    _reason = str(e)
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _reason
+
+
+# ---- weight views --------------------------------------------------------------------------------
+class Weights:
+    """A kernel's view of weight rows [*lead, N, K] of one kind, with fp32 scales/zeros kept alive.
+
+    `data` is the tensor holding the rows (fp32, bf16, int8 or packed uint8); `scales`/`zeros` as stored
+    (int8: [*lead, N]; int4/int2: [*lead, N, K/group]). `expert_strides()` gives the per-expert offsets
+    of stacked weights.
+    """
+
+    def __init__(self, kind, data: torch.Tensor, in_features: int, scales: torch.Tensor | None = None,
+                 zeros: torch.Tensor | None = None, group: int = 0):
+        self.kind, self.in_features, self.group = KINDS[kind], in_features, group
+        self.data = data.contiguous()
+        self.scales = None if scales is None else scales.float().contiguous()
+        self.zeros = None if zeros is None else zeros.float().contiguous()
+        self.out_features = data.shape[-2]
+        self.view = WView(self.data.data_ptr(), self.data.shape[-1] * self.data.element_size(),
+                          0 if self.scales is None else self.scales.data_ptr(),
+                          0 if self.zeros is None else self.zeros.data_ptr(),
+                          self.scales.shape[-1] if self.packed else 0, self.kind, group)
+
+    @property
+    def packed(self) -> bool:
+        return self.kind >= 3
+
+    def expert_strides(self) -> tuple[int, int]:
+        """(bytes, scale elements) between consecutive stacked experts."""
+        w = self.data.stride(0) * self.data.element_size()
+        s = 0 if self.scales is None else self.scales.stride(0)
+        return w, s
+
+    def scratch_floats(self) -> tuple[int, int]:
+        return (self.in_features, self.in_features // self.group) if self.packed else (1, 1)
+
+
+def supports(kind, in_features: int, group: int = 0) -> bool:
+    """Whether the kernels take this weight: K a multiple of 32; packed groups whole 8-byte chunks."""
+    if kind not in KINDS or in_features % K_ALIGN:
+        return False
+    if KINDS[kind] >= 3:
+        chunk = 16 if KINDS[kind] == 3 else 32
+        return group > 0 and group % chunk == 0 and in_features % group == 0
+    return True
+
+
+def _require() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the decode kernels are unavailable: {_reason}")
+    return lib
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def gemv(w: Weights, x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (any float dtype) -> fp32 [M, N] = x @ W^T, reading each weight once per call."""
+    x = x.float().contiguous()
+    M, K = x.shape
+    y = torch.empty(M, w.out_features)
+    xp_n, xs_n = w.scratch_floats()
+    xp, xs = torch.empty(M * xp_n), torch.empty(M * xs_n)
+    _require().ernie45_gemv(ctypes.byref(w.view), _ptr(x), M, K, w.out_features, _ptr(y), _ptr(xp), _ptr(xs),
+                      torch.get_num_threads())
+    return y
+
+
+def moe_token(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, coef: torch.Tensor,
+              x: torch.Tensor, y: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """One token through experts `ids` [n] (int64) with weights `coef` [n]: y [D] fp32 += sum, in order.
+
+    gate/up: stacked [E, F, D], down [E, D, F]. `bf16` rounds intermediates as the bf16 reference does.
+    """
+    x = x.float().contiguous()
+    ids, coef = ids.to(torch.long).contiguous(), coef.float().contiguous()
+    D, F = x.shape[-1], gate.out_features
+    h, t = torch.empty(F), torch.empty(D)
+    width = max(D, F)
+    xp, xs = torch.empty(width), torch.empty(width // max(min(gate.group or 1, down.group or 1), 1))
+    wgu, sgu = gate.expert_strides()
+    wd, sd = down.expert_strides()
+    _require().ernie45_moe_token(ctypes.byref(gate.view), ctypes.byref(up.view), ctypes.byref(down.view),
+                           ctypes.c_long(wgu), ctypes.c_long(sgu), ctypes.c_long(wd), ctypes.c_long(sd),
+                           _ptr(ids), _ptr(coef), int(ids.numel()), _ptr(x), D, F, _ptr(y), _ptr(h), _ptr(t),
+                           _ptr(xp), _ptr(xs), int(bf16), torch.get_num_threads())
+    return y

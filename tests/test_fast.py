@@ -1,0 +1,211 @@
+"""The fast CPU path (kernels/gemv.c through fast.accelerate) against the slow reference modules."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ernie45 import fast, kernels
+from ernie45.attention import attend, attend_gqa
+from ernie45.config import PRESETS, ModelConfig
+from ernie45.engine import Engine
+from ernie45.generation import GenerationConfig, generate
+from ernie45.model import build_model, init_random
+from ernie45.quant import quantize_model, set_path
+from ernie45.quant.formats import dequantize, get_format, quantize_rtn
+from ernie45.sampling import SamplingParams
+
+# In CI the kernels must build (gcc is installed by .ci/run); elsewhere a missing compiler skips.
+needs_kernels = pytest.mark.skipif(not kernels.available() and not os.environ.get("CI"),
+                                   reason=f"decode kernels unavailable: {kernels.unavailable_reason()}")
+
+# Widths that are multiples of 32 so every projection takes a kernel; 2 shared experts; 1 dense layer.
+FAST_CFG = dict(PRESETS["ERNIE-4.5-21B-A3B"], vocab_size=256, hidden_size=64, intermediate_size=96,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_num_experts=8,
+                moe_k=3, moe_intermediate_size=32, moe_layer_start_index=1, moe_layer_end_index=2,
+                num_nextn_predict_layers=0, max_position_embeddings=512)
+
+
+def tiny_model(dtype=torch.float32, seed=0, **overrides):
+    cfg = ModelConfig.from_dict(dict(FAST_CFG, **overrides))
+    model = init_random(build_model(cfg, torch.float32), seed=seed, std=0.08)
+    with torch.no_grad():  # a nonzero correction bias changes which experts are selected
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "moe_statics"):
+                layer.mlp.moe_statics.e_score_correction_bias.normal_(0, 0.05)
+    return model.to(dtype) if dtype != torch.float32 else model
+
+
+def _keep_fp32(model):
+    for name, p in model.named_parameters():
+        if name.endswith(("mlp.gate.weight", "e_score_correction_bias")):
+            p.data = p.data.float()
+    return model
+
+
+# ---- kernels --------------------------------------------------------------------------------------
+@needs_kernels
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("kind", [torch.float32, torch.bfloat16])
+def test_gemv_float_kinds(kind, M):
+    torch.manual_seed(0)
+    w, x = torch.randn(37, 96).to(kind), torch.randn(M, 96)  # 37 rows: blocks of four plus a remainder
+    got = kernels.gemv(kernels.Weights(kind, w, 96), x)
+    torch.testing.assert_close(got, x @ w.float().T, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 128), ("int4", 32), ("int2", 64), ("int2", 32)])
+def test_gemv_quantized_kinds(fmt, group):
+    torch.manual_seed(1)
+    w, x = torch.randn(21, 256), torch.randn(2, 256)
+    qw = quantize_rtn(w, get_format(fmt), group)
+    weights = kernels.Weights(fmt, qw.qweight, 256, qw.scales, getattr(qw, "zeros", None), qw.group_size)
+    torch.testing.assert_close(kernels.gemv(weights, x), x @ dequantize(qw).T, rtol=1e-5, atol=1e-4)
+
+
+def _moe_reference(x, gate, up, down, ids, coef):
+    """The torch order of moe.Experts.grouped for one token: ascending ids, rounding in x.dtype."""
+    out = torch.zeros_like(x)
+    for e, c in sorted(zip(ids.tolist(), coef.to(x.dtype))):
+        h = F.silu(F.linear(x, gate[e])) * F.linear(x, up[e])
+        out = out + F.linear(h, down[e]) * c
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_token_matches_torch_order(dtype):
+    torch.manual_seed(2)
+    E, D, Fw = 6, 64, 32
+    gate, up, down = (torch.randn(E, Fw, D) * .1).to(dtype), (torch.randn(E, Fw, D) * .1).to(dtype), \
+        (torch.randn(E, D, Fw) * .1).to(dtype)
+    x = torch.randn(D).to(dtype)
+    ids, coef = torch.tensor([1, 4, 5]), torch.tensor([.5, .3, .2]).to(dtype).float()
+    y = torch.zeros(D)
+    kernels.moe_token(kernels.Weights(dtype, gate, D), kernels.Weights(dtype, up, D), kernels.Weights(dtype, down, Fw),
+                      ids, coef, x, y, bf16=dtype == torch.bfloat16)
+    ref = _moe_reference(x, gate, up, down, ids, coef)
+    if dtype == torch.bfloat16:  # same rounding points: equal up to summation order inside dot products
+        assert (y.to(dtype).float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+# ---- attention ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_gqa_matches_reference(dtype):
+    torch.manual_seed(3)
+    B, T, S, Nq, Nkv, Dh = 2, 3, 7, 8, 2, 16
+    q, k, v = torch.randn(B, T, Nq, Dh).to(dtype), torch.randn(B, S, Nkv, Dh).to(dtype), torch.randn(B, S, Nkv, Dh).to(dtype)
+    q_pos = torch.tensor([[4, 5, 6], [2, 3, -1]])
+    k_pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, -1, -1, -1]])
+    want, got = attend(q, k, v, q_pos, k_pos), attend_gqa(q, k, v, q_pos, k_pos)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[:, :2].float(), want[:, :2].float(), **tol)
+    torch.testing.assert_close(got[0].float(), want[0].float(), **tol)
+
+
+# ---- the module swap ------------------------------------------------------------------------------
+def test_accelerate_swaps_classes_and_reference_restores():
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters()]
+    fast.accelerate(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, fast.FastLinear)
+    assert isinstance(model.model.layers[1].mlp.experts, fast.FastExperts)
+    assert [n for n, _ in model.named_parameters()] == names  # checkpoint names unchanged
+    fast.reference(model)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert "project" not in model.__dict__
+
+
+@needs_kernels
+def test_fast_logits_match_reference_fp32():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (1, 9))
+    want = model(ids)
+    fast.accelerate(model)
+    torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-5)  # prefill rows > DECODE_ROWS? no: 9 rows
+    got_step = [model(ids[:, : t + 1])[:, -1] for t in range(3)]  # single-row heads run the kernels
+    for t, g in enumerate(got_step):
+        torch.testing.assert_close(g, want[:, t], rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_greedy_equals_reference(dtype):
+    model = _keep_fp32(tiny_model(dtype, seed=4))
+    gcfg = GenerationConfig(max_new_tokens=24, stop_token_ids=())
+    want = generate(model, [3, 1, 4, 1, 5], gcfg)
+    assert generate(fast.accelerate(model), [3, 1, 4, 1, 5], gcfg) == want
+
+
+@needs_kernels
+def test_fast_prefill_many_rows_bf16_uses_fp32_gemm():
+    model = _keep_fp32(tiny_model(torch.bfloat16, seed=5))
+    ids = torch.randint(0, 256, (1, 40))  # > DECODE_ROWS: fp32 GEMM on up-cast bf16 weights
+    want = model(ids).float()
+    got = fast.accelerate(model)(ids).float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int2"])
+def test_fast_quantized_matches_reference_path(scheme):
+    model = quantize_model(tiny_model(seed=6), scheme)
+    ids = torch.randint(0, 256, (1, 6))
+    set_path(model, "reference")
+    gcfg = GenerationConfig(max_new_tokens=16, stop_token_ids=())
+    want_logits, want = model(ids), generate(model, ids[0].tolist(), gcfg)
+    fast.accelerate(model)
+    assert isinstance(model.model.layers[1].mlp.experts, fast.FastQuantExperts)
+    got_logits = torch.stack([model(ids[:, : t + 1])[0, -1] for t in range(ids.shape[1])])
+    torch.testing.assert_close(got_logits, want_logits[0], rtol=1e-4, atol=1e-4)
+    assert generate(model, ids[0].tolist(), gcfg) == want
+
+
+@needs_kernels
+def test_engine_on_fast_path_equals_reference_generate():
+    model = tiny_model(seed=7)
+    prompts = {"a": [5, 6, 7], "b": [9, 8, 7, 6, 5, 4, 3], "c": [1]}
+    want = {k: generate(model, v, GenerationConfig(max_new_tokens=10, stop_token_ids=())) for k, v in prompts.items()}
+    fast.accelerate(model)
+    got = Engine(model, kv_cache_bytes=4 << 20).generate(prompts, SamplingParams(temperature=0, max_tokens=10,
+                                                                                 ignore_eos=True))
+    assert got == want
+
+
+def test_without_kernels_accelerate_still_correct(monkeypatch):
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_reason", "disabled for this test")
+    model = _keep_fp32(tiny_model(torch.bfloat16, seed=8))
+    gcfg = GenerationConfig(max_new_tokens=12, stop_token_ids=())
+    want = generate(model, [1, 2, 3], gcfg)
+    assert generate(fast.accelerate(model), [1, 2, 3], gcfg) == want
+
+
+# ---- the CLI --------------------------------------------------------------------------------------
+def test_bench_cli_json_on_default_model():
+    out = subprocess.run([sys.executable, "-m", "ernie45", "bench", "--json", "--threads", "1", "--new-tokens", "4",
+                          "--prefill-tokens", "16", "--concurrency", "2", "--concurrent-new-tokens", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    for key in ("decode_tok_s", "prefill_tok_s", "peak_rss_bytes", "throughput_tok_s", "active_weight_bytes"):
+        assert key in result
+    assert result["decode_tok_s"] > 0 and result["prefill_tok_s"] > 0 and result["peak_rss_bytes"] > 10 << 20
+    assert set(result["throughput_tok_s"]) == {"2"}
+    assert len(result["greedy_tokens"]) == 4 and result["greedy_matches_reference"] is True
+
+
+def test_bench_cli_rejects_bad_arguments():
+    out = subprocess.run([sys.executable, "-m", "ernie45", "bench", "--new-tokens", "1"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "--new-tokens" in out.stderr
