@@ -8,6 +8,9 @@ The model never knows it is sharded. `ParallelPlan.prepare` rewrites the meta-bu
 - the shared experts' width split over all TP x EP ranks;
 - the embedding table and the head split by vocabulary rows over the TP group (ceil(V/TP) rows each):
   a lookup is masked and all-reduced, the head's logits all-gathered;
+- quantized weights (QuantLinear, QuantExperts) split the same ways: their stored qweight/scales/zeros are
+  sliced, never re-quantized (`quant/shard.py`); a cut that would split a quantization group or fp8
+  block is refused with the weight, its width and the group named;
 - one all-reduce per block, added as a forward hook: attention and dense MLP over the TP group, an MoE
   block over the world (partials of every routed (expert, width-slice) owner and of the shared experts).
 Activations are replicated on every rank (all ranks run the same tokens), so "tokens reach their
@@ -30,8 +33,10 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import MLP
-from .model import DecoderLayer, Ernie45ForCausalLM
+from .model import Ernie45ForCausalLM
 from .moe import Experts, SparseMoeBlock
+from .quant.modules import QuantExperts, QuantWeight
+from .quant.shard import resize, split_problem
 
 
 class DistributedError(RuntimeError):
@@ -39,7 +44,11 @@ class DistributedError(RuntimeError):
 
 
 def check_plan(cfg: ModelConfig, tp: int, ep: int) -> None:
-    """Raise ValueError naming each divisibility the shapes do not allow for this TP x EP."""
+    """Raise ValueError naming each divisibility the shapes do not allow for this TP x EP.
+
+    A quantized checkpoint's group/block divisibility depends on each weight's recorded format and group,
+    so `ParallelPlan.prepare` checks it while it cuts the weights (and names every one that does not fit).
+    """
     errors = []
     nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     if tp < 1 or ep < 1:
@@ -59,9 +68,6 @@ def check_plan(cfg: ModelConfig, tp: int, ep: int) -> None:
             errors.append(f"expert width {cfg.moe_intermediate_size} is not divisible by tp={tp}")
     elif ep > 1:
         errors.append(f"ep={ep} needs an MoE model; {cfg.model_type} has no experts")
-    if cfg.quantization_config and tp * ep > 1:
-        errors.append("quantized checkpoints cannot be sharded yet: slicing qweight/scales/zeros per rank is not "
-                      "implemented (their layout allows it; see docs/quantization.md); run them on one process")
     if errors:
         raise ValueError("this tensor/expert-parallel plan does not fit the model: " + "; ".join(errors))
 
@@ -76,6 +82,7 @@ class ParallelPlan:
     tp_group: object = None
     world_group: object = None
     _slices: dict[str, tuple[int, int, int]] = field(default_factory=dict, repr=False)
+    _problems: list[str] = field(default_factory=list, repr=False)  # quantization groups a cut would split
 
     @property
     def tp_rank(self) -> int:
@@ -92,6 +99,7 @@ class ParallelPlan:
     def prepare(self, model: Ernie45ForCausalLM) -> None:
         cfg = model.config
         check_plan(cfg, self.tp, self.ep)
+        self._slices, self._problems = {}, []  # a plan may load several checkpoints
         self._shard_vocab(model, cfg)
         for prefix, layer in _decoder_layers(model):
             self._shard_attention(f"{prefix}.self_attn", layer.self_attn, cfg)
@@ -100,6 +108,10 @@ class ParallelPlan:
             else:
                 self._shard_mlp(f"{prefix}.mlp", layer.mlp)
                 self._all_reduce_after(layer.mlp, self.tp_group)
+        if self._problems:
+            raise ValueError("this tensor/expert-parallel plan does not fit the quantized checkpoint (each rank "
+                             "must hold whole quantization groups/blocks as stored, since they are never "
+                             "re-quantized; use fewer ways): " + "; ".join(self._problems))
         nkv = max(cfg.num_key_value_heads // self.tp, 1)
         model.config = cfg.replace(num_attention_heads=cfg.num_attention_heads // self.tp, num_key_value_heads=nkv)
 
@@ -110,6 +122,24 @@ class ParallelPlan:
         shape[dim] = stop - start
         setattr(module, leaf, nn.Parameter(torch.empty(shape, dtype=old.dtype, device="meta"), requires_grad=False))
         self._slices[f"{name}.{leaf}"] = (dim - (1 if old.dim() == 3 else 0), start, stop)
+
+    def _split_linear(self, name: str, linear: nn.Module, dim: int, start: int, stop: int,
+                      ways: int | None = None) -> None:
+        """Output rows (dim 0) or input columns (dim 1) [start, stop) of an nn.Linear or a QuantLinear."""
+        if isinstance(linear, QuantWeight):
+            self._split_quant(name, linear, dim, start, stop, ways)
+        else:
+            self._split(name, linear, "weight", dim, start, stop)
+
+    def _split_quant(self, name: str, q: QuantWeight, dim: int, start: int, stop: int, ways: int | None = None,
+                     experts: int | None = None) -> None:
+        ways = ways or self.tp
+        problem = split_problem(q, name, dim, start, stop, ways, "tp" if ways == self.tp else "tp x ep")
+        if problem:
+            self._problems.append(problem)
+            return
+        for leaf, cut in resize(q, dim, start, stop, experts).items():
+            self._slices[f"{name}.{leaf}"] = cut
 
     def _part(self, total: int, ways: int | None = None, rank: int | None = None) -> tuple[int, int]:
         ways, rank = ways or self.tp, self.tp_rank if rank is None else rank
@@ -133,26 +163,34 @@ class ParallelPlan:
         q0, q1 = self._part(nq * dh)
         kv_local = max(nkv // self.tp, 1)
         kv0 = (self.tp_rank * nkv // self.tp) * dh
-        self._split(f"{name}.q_proj", attn.q_proj, "weight", 0, q0, q1)
-        self._split(f"{name}.k_proj", attn.k_proj, "weight", 0, kv0, kv0 + kv_local * dh)
-        self._split(f"{name}.v_proj", attn.v_proj, "weight", 0, kv0, kv0 + kv_local * dh)
-        self._split(f"{name}.o_proj", attn.o_proj, "weight", 1, q0, q1)
+        self._split_linear(f"{name}.q_proj", attn.q_proj, 0, q0, q1)
+        self._split_linear(f"{name}.k_proj", attn.k_proj, 0, kv0, kv0 + kv_local * dh)
+        self._split_linear(f"{name}.v_proj", attn.v_proj, 0, kv0, kv0 + kv_local * dh)
+        self._split_linear(f"{name}.o_proj", attn.o_proj, 1, q0, q1)
         attn.n_heads, attn.n_kv = nq // self.tp, kv_local
         self._all_reduce_after(attn.o_proj, self.tp_group)
 
     def _shard_mlp(self, name: str, mlp: MLP, ways: int | None = None, rank: int | None = None) -> None:
-        a, b = self._part(mlp.gate_proj.weight.shape[0], ways, rank)
-        self._split(f"{name}.gate_proj", mlp.gate_proj, "weight", 0, a, b)
-        self._split(f"{name}.up_proj", mlp.up_proj, "weight", 0, a, b)
-        self._split(f"{name}.down_proj", mlp.down_proj, "weight", 1, a, b)
+        a, b = self._part(mlp.gate_proj.out_features, ways, rank)
+        self._split_linear(f"{name}.gate_proj", mlp.gate_proj, 0, a, b, ways)
+        self._split_linear(f"{name}.up_proj", mlp.up_proj, 0, a, b, ways)
+        self._split_linear(f"{name}.down_proj", mlp.down_proj, 1, a, b, ways)
 
     def _shard_moe(self, name: str, block: SparseMoeBlock, cfg: ModelConfig) -> None:
-        n_local, dtype = cfg.moe_num_experts // self.ep, block.experts.gate_proj.dtype
-        with torch.device("meta"):
-            block.experts = LocalExperts(cfg.replace(moe_num_experts=n_local), self.ep_rank * n_local).to(dtype)
+        n_local = cfg.moe_num_experts // self.ep
         a, b = self._part(cfg.moe_intermediate_size)
-        for leaf, dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
-            self._split(f"{name}.experts", block.experts, leaf, dim, a, b)
+        if isinstance(block.experts, QuantExperts):
+            old = block.experts
+            for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+                self._split_quant(f"{name}.experts.{proj}", getattr(old, proj), dim, a, b, experts=n_local)
+            block.experts = LocalQuantExperts(old.gate_proj, old.up_proj, old.down_proj, old.act,
+                                              self.ep_rank * n_local)
+        else:
+            dtype = block.experts.gate_proj.dtype
+            with torch.device("meta"):
+                block.experts = LocalExperts(cfg.replace(moe_num_experts=n_local), self.ep_rank * n_local).to(dtype)
+            for leaf, dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
+                self._split(f"{name}.experts", block.experts, leaf, dim, a, b)
         if block.shared_experts is not None:
             self._shard_mlp(f"{name}.shared_experts", block.shared_experts, ways=self.tp * self.ep, rank=self.rank)
         self._all_reduce_after(block, self.world_group)
@@ -171,10 +209,24 @@ class LocalExperts(Experts):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [T,D], w [T,K], idx [T,K] global ids -> this rank's partial sum [T,D]"""
-        local = (idx - self.first_expert).flatten()  # [T*K]
-        mine = (local >= 0) & (local < self.gate_proj.shape[0])
-        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx.shape[1])
-        return self.grouped(x, token[mine], local[mine], w.flatten()[mine])
+        return local_grouped(self, self.gate_proj.shape[0], x, w, idx)
+
+
+class LocalQuantExperts(QuantExperts):
+    """The quantized routed experts one EP rank owns (stacked QuantWeights already cut to E_local)."""
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [T,D], w [T,K], idx [T,K] global ids -> this rank's partial sum [T,D]"""
+        return local_grouped(self, self.num_experts, x, w, idx)
+
+
+def local_grouped(experts: nn.Module, n_local: int, x: torch.Tensor, w: torch.Tensor,
+                  idx: torch.Tensor) -> torch.Tensor:
+    """Run the (token, expert) pairs whose global expert id is in [first_expert, first_expert + n_local)."""
+    local = (idx - experts.first_expert).flatten()  # [T*K]
+    mine = (local >= 0) & (local < n_local)
+    token = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx.shape[1])
+    return experts.grouped(x, token[mine], local[mine], w.flatten()[mine])
 
 
 class VocabParallelEmbedding(nn.Embedding):
