@@ -58,12 +58,21 @@ def _load_tokenizer(path: Path):
     return Tokenizer.from_dir(path)
 
 
+def accelerated(model):
+    """The fast CPU decode path (fast.py) unless ERNIE45_FAST=0 asks for the reference modules."""
+    import os
+
+    from .fast import accelerate
+
+    return model if os.environ.get("ERNIE45_FAST", "1") == "0" else accelerate(model)
+
+
 def _load_for_launch(args: argparse.Namespace):
     """Load the model, sharded over the torchrun job when --tp/--ep ask for it. Returns (model, rank)."""
     from .weights import load_model
 
     if args.tp * args.ep == 1:
-        return load_model(args.model, dtype=args.dtype), 0
+        return accelerated(load_model(args.model, dtype=args.dtype)), 0
     from .distributed import init_parallel
 
     plan = init_parallel(args.tp, args.ep, args.dist_timeout)
@@ -141,7 +150,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     tokenizer = _load_tokenizer(path)
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer files (tokenizer.model or tokenizer.json); chat needs them")
-    model = load_model(path, dtype=args.dtype)
+    model = accelerated(load_model(path, dtype=args.dtype))
     gcfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
     chat_loop(model, tokenizer, gcfg, system=args.system)

@@ -66,6 +66,10 @@ def build_engine(args: argparse.Namespace, path: Path, plan=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(path, dtype=args.dtype, transform=plan)
+    if plan is None:  # single process: the fast CPU decode path (tensor-parallel ranks keep their modules)
+        from .cli import accelerated
+
+        model = accelerated(model)
     return Engine(model, block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_mb * (1 << 20)),
                   max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
 

@@ -128,9 +128,6 @@ class Weights:
         s = 0 if self.scales is None else self.scales.stride(0)
         return w, s
 
-    def scratch_floats(self) -> tuple[int, int]:
-        return (self.in_features, self.in_features // self.group) if self.packed else (1, 1)
-
 
 def supports(kind, in_features: int, group: int = 0) -> bool:
     """Whether the kernels take this weight: K a multiple of 32; packed groups whole 8-byte chunks."""
@@ -140,6 +137,9 @@ def supports(kind, in_features: int, group: int = 0) -> bool:
         chunk = 16 if KINDS[kind] == 3 else 32
         return group > 0 and group % chunk == 0 and in_features % group == 0
     return True
+
+
+_NO_SCRATCH = torch.empty(1)  # plain kinds never touch the scratch arguments
 
 
 def _require() -> ctypes.CDLL:
@@ -158,8 +158,8 @@ def gemv(w: Weights, x: torch.Tensor) -> torch.Tensor:
     x = x.float().contiguous()
     M, K = x.shape
     y = torch.empty(M, w.out_features)
-    xp_n, xs_n = w.scratch_floats()
-    xp, xs = torch.empty(M * xp_n), torch.empty(M * xs_n)
+    xp, xs = (torch.empty(M * w.in_features), torch.empty(M * (w.in_features // w.group))) if w.packed \
+        else (_NO_SCRATCH, _NO_SCRATCH)
     _require().ernie45_gemv(ctypes.byref(w.view), _ptr(x), M, K, w.out_features, _ptr(y), _ptr(xp), _ptr(xs),
                       torch.get_num_threads())
     return y
