@@ -127,7 +127,9 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     from .weights import save_checkpoint
 
     cfg = resolve_config(args.like)
-    model = init_random(build_model(cfg), seed=args.seed)
+    if args.std <= 0:
+        raise ValueError(f"--std must be > 0, got {args.std}")
+    model = init_random(build_model(cfg), seed=args.seed, std=args.std)
     out = save_checkpoint(model, args.out)
     print(f"wrote a randomly initialised {args.like} checkpoint to {out} (random weights: output is noise)")
     return 0
@@ -227,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--like", default="mini-300B-A47B", help="preset or checkpoint whose config to use "
                      "(default: mini-300B-A47B, a miniature of the 300B structure)")
     rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--std", type=float, default=0.02,
+                     help="std of the normal init (default 0.02; larger spreads logits, so greedy output varies)")
     rnd.set_defaults(func=cmd_random_checkpoint)
 
     for name in PLUGIN_MODULES:

@@ -31,12 +31,15 @@ from .moe import Experts
 from .quant.modules import QuantExperts, QuantLinear, QuantWeight
 
 DECODE_ROWS = 16  # rows up to which the GEMV kernels beat a GEMM (the weight is re-read from L1 per row)
+# Smallest weight (N x K elements, per expert) worth a kernel call: below it the ~10-20 us of Python and
+# ctypes around a call cost more than torch's own small GEMV (measured on the 8.5 M-param default model).
+MIN_KERNEL_ELEMENTS = 1 << 16
 
 
 def plain_weights(w: torch.Tensor) -> kernels.Weights | None:
     """fp32/bf16 rows [*, N, K] as kernel weights, or None when the kernels cannot take them."""
     if not kernels.available() or w.device.type != "cpu" or not kernels.supports(w.dtype, w.shape[-1]) \
-            or not w.is_contiguous():
+            or not w.is_contiguous() or w.shape[-1] * w.shape[-2] < MIN_KERNEL_ELEMENTS:
         return None
     return kernels.Weights(w.dtype, w.detach(), w.shape[-1])
 
@@ -45,15 +48,16 @@ def quant_weights(q: QuantWeight) -> kernels.Weights | None:
     """A QuantWeight's stored tensors as kernel weights (int8/int4/int2), or None."""
     fmt = q.fmt.name
     if not kernels.available() or q.qweight.device.type != "cpu" \
-            or not kernels.supports(fmt, q.in_features, q.group_size):
+            or not kernels.supports(fmt, q.in_features, q.group_size) \
+            or q.in_features * q.out_features < MIN_KERNEL_ELEMENTS:
         return None
     zeros = getattr(q, "zeros", None)
     return kernels.Weights(fmt, q.qweight.detach(), q.in_features, q.scales.detach(),
                            None if zeros is None else zeros.detach(), q.group_size)
 
 
-def _storage_key(*tensors: torch.Tensor | None) -> tuple:
-    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors if t is not None)
+def _storage_key(*tensors: torch.Tensor) -> tuple:
+    return tuple((t.data_ptr(), t.dtype) for t in tensors)  # a new load, .to() or shard moves the storage
 
 
 def _cached(module: nn.Module, key: str, tensors: tuple, make):
@@ -89,6 +93,8 @@ class FastLinear(nn.Linear):
         if self.bias is not None:
             return super().forward(x)
         weights = _cached(self, "w", (self.weight,), lambda: plain_weights(self.weight))
+        if weights is None and (self.weight.dtype != torch.bfloat16 or x.numel() <= DECODE_ROWS * x.shape[-1]):
+            return F.linear(x, self.weight)  # nothing to gain: skip the wrappers (small or fp32 weights)
         return kernel_linear(x, weights, lambda flat: prefill_linear(flat, self.weight))
 
 
@@ -130,6 +136,11 @@ class FastExperts(_FastGrouped, Experts):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
         gate, up, down = self._stack()
+        if gate is None or up is None or down is None:
+            if x.dtype == torch.bfloat16 and x.shape[0] > DECODE_ROWS:  # fp32 GEMMs for a bf16 prefill
+                h = self.act(prefill_linear(x, self.gate_proj[e])) * prefill_linear(x, self.up_proj[e])
+                return prefill_linear(h, self.down_proj[e])
+            return super().expert(e, x)
         g = kernel_linear(x, None if gate is None else _row(gate, e), lambda f: prefill_linear(f, self.gate_proj[e]))
         u = kernel_linear(x, None if up is None else _row(up, e), lambda f: prefill_linear(f, self.up_proj[e]))
         h = self.act(g) * u
