@@ -34,6 +34,7 @@ DECODE_ROWS = 16  # rows up to which the GEMV kernels beat a GEMM (the weight is
 # Smallest weight (N x K elements, per expert) worth a kernel call: below it the ~10-20 us of Python and
 # ctypes around a call cost more than torch's own small GEMV (measured on the 8.5 M-param default model).
 MIN_KERNEL_ELEMENTS = 1 << 16
+GREEDY_HEAD_MIN_ELEMENTS = 1 << 22  # heads from ~16 MB (bf16) up: the int8 screen pays for its RAM
 
 
 def plain_weights(w: torch.Tensor) -> kernels.Weights | None:
@@ -167,10 +168,12 @@ SWAPS = {nn.Linear: FastLinear, Experts: FastExperts, QuantLinear: FastQuantLine
 REVERSE = {v: k for k, v in SWAPS.items()}
 
 
-def accelerate(model: nn.Module) -> nn.Module:
+def accelerate(model: nn.Module, greedy_head: bool = True) -> nn.Module:
     """Swap in the fast classes (exact types only: parallel subclasses keep their own forward).
 
     Without kernels (no AVX2/FMA or no compiler) only the fp32-prefill rule for bf16 weights applies.
+    With `greedy_head` and a head of at least GREEDY_HEAD_MIN_ELEMENTS, `model.greedy_head` is set to an
+    exact int8-screened argmax (greedy_head.py) that temperature-0 generation uses instead of full logits.
     """
     for m in model.modules():
         fast = SWAPS.get(type(m))
@@ -181,6 +184,12 @@ def accelerate(model: nn.Module) -> nn.Module:
         project = lambda x: _project(model, x)  # noqa: E731
         project.fast = True
         model.project = project
+        w = model.head_weight()
+        if greedy_head and kernels.available() and w.numel() >= GREEDY_HEAD_MIN_ELEMENTS and w.device.type == "cpu":
+            from .greedy_head import GreedyHead
+
+            if getattr(model.__dict__.get("greedy_head"), "weight", None) is not w:
+                model.greedy_head = GreedyHead(w)
     return model
 
 
@@ -199,5 +208,6 @@ def reference(model: nn.Module) -> nn.Module:
             m.__dict__.pop("_kernel_weights", None)
     if getattr(model.__dict__.get("project"), "fast", False):
         del model.project
+    model.__dict__.pop("greedy_head", None)
     model.__dict__.pop("_kernel_weights", None)
     return model

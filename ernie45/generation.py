@@ -73,12 +73,16 @@ def generate_stream(model: Ernie45ForCausalLM, prompt_ids: Sequence[int],
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     weight = model.model.embed_tokens.weight
     cache = KVCache(mcfg, 1, total, weight.dtype, weight.device, num_layers=mcfg.num_hidden_layers)  # no MTP
+    greedy_head = getattr(model, "greedy_head", None) if cfg.temperature == 0 else None
     ids = torch.tensor([list(prompt_ids)], device=weight.device)  # [1, T]
     positions = torch.arange(ids.shape[1], device=weight.device)[None]  # [1, T]
     for _ in range(cfg.max_new_tokens):
         hidden = model.model(ids, positions, cache)  # [1, T, D]
-        logits = model.logits(hidden[:, -1:])[0, -1]  # [V]: only the last row goes through the head
-        token = sample_token(logits, cfg, gen)
+        if greedy_head is not None:  # the fast path's exact screened argmax (greedy_head.py)
+            token = int(greedy_head(model.model.norm(hidden[0, -1:]))[0])
+        else:
+            logits = model.logits(hidden[:, -1:])[0, -1]  # [V]: only the last row goes through the head
+            token = sample_token(logits, cfg, gen)
         yield token
         if token in stops:
             return

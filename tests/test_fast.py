@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ernie45 import fast, kernels
+from ernie45 import fast, greedy_head, kernels
 from ernie45.attention import attend, attend_gqa
 from ernie45.config import PRESETS, ModelConfig
 from ernie45.engine import Engine
 from ernie45.generation import GenerationConfig, generate
+from ernie45.greedy_head import GreedyHead
 from ernie45.model import build_model, init_random
 from ernie45.quant import quantize_model, set_path
 from ernie45.quant.formats import dequantize, get_format, quantize_rtn
@@ -36,6 +37,7 @@ FAST_CFG = dict(PRESETS["ERNIE-4.5-21B-A3B"], vocab_size=256, hidden_size=64, in
 def kernels_on_tiny_weights(monkeypatch):
     """The tiny test weights are below the size where accelerate() calls kernels; lower the bar."""
     monkeypatch.setattr(fast, "MIN_KERNEL_ELEMENTS", 0)
+    monkeypatch.setattr(fast, "GREEDY_HEAD_MIN_ELEMENTS", 0)
 
 
 def tiny_model(dtype=torch.float32, seed=0, **overrides):
@@ -102,6 +104,43 @@ def test_moe_token_matches_torch_order(dtype):
         assert (y.to(dtype).float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
     else:
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+# ---- the screened greedy head ---------------------------------------------------------------------
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_head_is_the_exact_argmax(dtype):
+    torch.manual_seed(9)
+    weight = (torch.randn(3000, 64) * 0.1).to(dtype)
+    x = torch.randn(40, 64).to(dtype)
+    if dtype == torch.bfloat16:  # rounding makes ties real; torch.argmax answers the first index
+        weight[2000] = weight[17]
+        x[0] = weight[17] * 5
+    head = GreedyHead(weight)
+    want = torch.argmax(F.linear(x, weight), dim=-1)
+    assert torch.equal(head(x), want)
+    assert dtype == torch.float32 or want[0] == 17
+
+
+def test_greedy_head_falls_back_to_the_full_head(monkeypatch):
+    monkeypatch.setattr(greedy_head, "MAX_CANDIDATES", 0)
+    weight, x = torch.randn(500, 32), torch.randn(3, 32)
+    head = GreedyHead(weight)
+    assert torch.equal(head(x), torch.argmax(F.linear(x, weight), dim=-1)) and head.full_heads == 3
+
+
+@needs_kernels
+def test_generation_uses_the_greedy_head_only_at_temperature_zero():
+    model = tiny_model(seed=10)
+    gcfg = GenerationConfig(max_new_tokens=12, stop_token_ids=())
+    want = generate(model, [7, 7, 8], gcfg)
+    fast.accelerate(model)
+    calls = []
+    real = model.greedy_head.__call__
+    model.greedy_head = lambda x: calls.append(1) or real(x)
+    assert generate(model, [7, 7, 8], gcfg) == want and len(calls) == 12
+    generate(model, [7, 7, 8], GenerationConfig(max_new_tokens=3, temperature=0.7, seed=1, stop_token_ids=()))
+    assert len(calls) == 12
 
 
 # ---- attention ------------------------------------------------------------------------------------
