@@ -168,12 +168,14 @@ SWAPS = {nn.Linear: FastLinear, Experts: FastExperts, QuantLinear: FastQuantLine
 REVERSE = {v: k for k, v in SWAPS.items()}
 
 
-def accelerate(model: nn.Module, greedy_head: bool = True) -> nn.Module:
+def accelerate(model: nn.Module, greedy_head: bool = True, decode_step: bool = True) -> nn.Module:
     """Swap in the fast classes (exact types only: parallel subclasses keep their own forward).
 
     Without kernels (no AVX2/FMA or no compiler) only the fp32-prefill rule for bf16 weights applies.
     With `greedy_head` and a head of at least GREEDY_HEAD_MIN_ELEMENTS, `model.greedy_head` is set to an
     exact int8-screened argmax (greedy_head.py) that temperature-0 generation uses instead of full logits.
+    With `decode_step`, one-token steps on a batch-1 KVCache run all layers in one C call (fast_decode.py);
+    `model.fast_decode_unavailable` says why not when the model does not qualify.
     """
     for m in model.modules():
         fast = SWAPS.get(type(m))
@@ -190,6 +192,10 @@ def accelerate(model: nn.Module, greedy_head: bool = True) -> nn.Module:
 
             if getattr(model.__dict__.get("greedy_head"), "weight", None) is not w:
                 model.greedy_head = GreedyHead(w)
+    if decode_step and hasattr(model, "model"):
+        from .fast_decode import install
+
+        model.fast_decode_unavailable = install(model)  # None when installed
     return model
 
 
@@ -209,5 +215,10 @@ def reference(model: nn.Module) -> nn.Module:
     if getattr(model.__dict__.get("project"), "fast", False):
         del model.project
     model.__dict__.pop("greedy_head", None)
+    model.__dict__.pop("fast_decode_unavailable", None)
+    if hasattr(model, "model"):
+        from .fast_decode import uninstall
+
+        uninstall(model)
     model.__dict__.pop("_kernel_weights", None)
     return model

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ernie45 import fast, greedy_head, kernels
+from ernie45 import fast, fast_decode, greedy_head, kernels
 from ernie45.attention import attend, attend_gqa
+from ernie45.cache import KVCache
 from ernie45.config import PRESETS, ModelConfig
 from ernie45.engine import Engine
 from ernie45.generation import GenerationConfig, generate
@@ -27,7 +28,7 @@ needs_kernels = pytest.mark.skipif(not kernels.available() and not os.environ.ge
                                    reason=f"decode kernels unavailable: {kernels.unavailable_reason()}")
 
 # Widths that are multiples of 32 so every projection takes a kernel; 2 shared experts; 1 dense layer.
-FAST_CFG = dict(PRESETS["ERNIE-4.5-21B-A3B"], vocab_size=256, hidden_size=64, intermediate_size=96,
+FAST_CFG = dict(PRESETS["ERNIE-4.5-21B-A3B"], vocab_size=256, hidden_size=64, intermediate_size=128,
                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_num_experts=8,
                 moe_k=3, moe_intermediate_size=32, moe_layer_start_index=1, moe_layer_end_index=2,
                 num_nextn_predict_layers=0, max_position_embeddings=512)
@@ -141,6 +142,65 @@ def test_generation_uses_the_greedy_head_only_at_temperature_zero():
     assert generate(model, [7, 7, 8], gcfg) == want and len(calls) == 12
     generate(model, [7, 7, 8], GenerationConfig(max_new_tokens=3, temperature=0.7, seed=1, stop_token_ids=()))
     assert len(calls) == 12
+
+
+# ---- the one-call decode step ---------------------------------------------------------------------
+def _decode_hidden(model, ids, prefill):
+    """Prefill `prefill` tokens through the modules, then one-token steps; hidden [T-prefill, D] fp32."""
+    cache = KVCache(model.config, 1, ids.shape[1] + 2, model.model.embed_tokens.weight.dtype,
+                    num_layers=model.config.num_hidden_layers)
+    model.model(ids[:, :prefill], torch.arange(prefill)[None], cache)
+    return torch.cat([model.model(ids[:, t:t + 1], torch.tensor([[t]]), cache)[0].float()
+                      for t in range(prefill, ids.shape[1])])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_matches_modules(dtype):
+    model = _keep_fp32(tiny_model(dtype, seed=11))
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        want = model.model(ids, torch.arange(12)[None])[0, 5:].float()
+        fast.accelerate(model)
+        assert model.fast_decode_unavailable is None and model.model._decoder is not None
+        got = _decode_hidden(model, ids, 5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:  # the reference's rounding points: equal up to summation order (one bf16 ulp at most)
+        assert (got - want).abs().max() <= 2 ** -7 * want.abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int2", "mixed-2bit"])
+def test_decode_step_quantized_matches_reference_path(scheme):
+    model = quantize_model(tiny_model(seed=12), scheme)
+    ids = torch.randint(0, 256, (1, 9))
+    set_path(model, "reference")
+    with torch.no_grad():
+        want = model.model(ids, torch.arange(9)[None])[0, 3:]
+        fast.accelerate(model)
+        assert model.fast_decode_unavailable is None
+        torch.testing.assert_close(_decode_hidden(model, ids, 3), want, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_step_refuses_what_it_cannot_run():
+    model = tiny_model(seed=13, moe_intermediate_size=24)  # expert width 24: not a multiple of 16
+    fast.accelerate(model)
+    if kernels.available():
+        assert "not kernel-shaped" in model.fast_decode_unavailable
+    assert type(model.model) is not fast_decode.FastErnie45Model
+    ids = torch.randint(0, 256, (1, 6))
+    fast.reference(model)
+    want = generate(model, ids[0].tolist(), GenerationConfig(max_new_tokens=6, stop_token_ids=()))
+    assert generate(fast.accelerate(model), ids[0].tolist(), GenerationConfig(max_new_tokens=6, stop_token_ids=())) == want
+
+
+@needs_kernels
+def test_decode_step_position_beyond_the_cache_is_an_error():
+    model = fast.accelerate(tiny_model(seed=14))
+    cache = KVCache(model.config, 1, 3, torch.float32, num_layers=model.config.num_hidden_layers)
+    with torch.no_grad(), pytest.raises(ValueError, match="beyond this cache"):
+        model.model(torch.tensor([[5]]), torch.tensor([[3]]), cache)
 
 
 # ---- attention ------------------------------------------------------------------------------------

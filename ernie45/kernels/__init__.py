@@ -6,7 +6,7 @@ and its weight-only int8/int4 kernels want bf16 activations; a loop over experts
 torch calls per token. gemv.c reads bf16/int8/int4/int2 weights directly with fp32 activations and runs
 a token's selected experts in one call.
 
-Build: `gcc -O3 -mavx2 -mfma -fopenmp -shared` into `$ERNIE45_KERNEL_CACHE` (default
+Build: `gcc -O3 -mavx2 -mfma -ffp-contract=off -fopenmp -shared decode.c` (which includes gemv.c) into `$ERNIE45_KERNEL_CACHE` (default
 `~/.cache/ernie45/kernels`), keyed by the source's hash; the library links `libgomp.so.1`, which resolves
 to the OpenMP runtime torch already loaded, so both share one thread pool. No compiler, no AVX2/FMA, or
 `ERNIE45_KERNELS=0` -> `available()` is False with the reason in `unavailable_reason()`, and callers use
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("gemv.c")
+SOURCE = Path(__file__).with_name("decode.c")  # includes gemv.c: one library
+SOURCES = (SOURCE, Path(__file__).with_name("gemv.c"))
 KINDS = {torch.float32: 0, torch.bfloat16: 1, "int8": 2, "int4": 3, "int2": 4}
 K_ALIGN = 16  # the plain kernels consume 16 columns per iteration
 
@@ -50,7 +51,7 @@ def _cpu_ok() -> str | None:
 
 
 def _build() -> ctypes.CDLL:
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES)
     cache = Path(os.environ.get("ERNIE45_KERNEL_CACHE", Path.home() / ".cache" / "ernie45" / "kernels"))
     lib = cache / f"gemv-{hashlib.sha256(src).hexdigest()[:16]}.so"
     if not lib.exists():
@@ -60,7 +61,9 @@ def _build() -> ctypes.CDLL:
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
-        cmd = [cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", str(SOURCE), "-o", tmp, "-lm"]
+        # -ffp-contract=off: a*b+c stays two roundings, as in torch's elementwise ops (decode.c)
+        cmd = [cc, "-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", str(SOURCE),
+               "-o", tmp, "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             os.unlink(tmp)
@@ -69,6 +72,7 @@ def _build() -> ctypes.CDLL:
     handle = ctypes.CDLL(str(lib))
     handle.ernie45_gemv.restype = None
     handle.ernie45_moe_token.restype = None
+    handle.ernie45_decode.restype = None
     return handle
 
 
@@ -184,3 +188,10 @@ def moe_token(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, coef
                            _ptr(ids), _ptr(coef), int(ids.numel()), _ptr(x), D, F, _ptr(y), _ptr(h), _ptr(t),
                            _ptr(xp), _ptr(xs), int(bf16), torch.get_num_threads())
     return y
+
+
+def decode(model_t, layers, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor,
+           scratch: torch.Tensor) -> None:
+    """One token through every layer described by `layers` (fast_decode.py builds them); x [D] in place."""
+    _require().ernie45_decode(model_t, layers, _ptr(x), int(pos), _ptr(cos), _ptr(sin), _ptr(scratch),
+                              torch.get_num_threads())

@@ -1,0 +1,203 @@
+"""Batch-1 decode of a whole trunk in one C call (kernels/decode.c), for the contiguous KVCache.
+
+A decode step of the module path is ~40 small torch calls per layer (norms, RoPE, cache writes, router,
+top-k, ...) whose Python and dispatch cost rivals reading the weights on a small CPU model. `Decoder`
+describes every layer to `ernie45_decode` once — views of the model's own parameters, no copies — and
+then one call per token runs all layers, writing K/V into the same `cache.KVCache` buffers the module
+path uses (so prefill can run through the modules and decode through C, or any mix).
+
+`accelerate` (fast.py) installs it as `model.model._decoder` when every layer qualifies (see
+`Decoder.build`); `FastErnie45Model.forward` uses it for one token with a KVCache of batch 1 and falls
+back to the modules for everything else (prefill, the paged engine, MTP, parallel ranks).
+
+Shape legend: D hidden, Nq/Nkv heads, Dh head_dim, F MLP width, E experts, S_max cache slots.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from . import kernels
+from .cache import KVCache
+from .layers import MLP, rope_cos_sin
+from .model import Ernie45Model
+from .moe import Experts, SparseMoeBlock
+from .quant.modules import QuantExperts, QuantWeight
+
+W = kernels.WView
+MAX_EXPERTS = 64  # decode.c keeps the router's scores and choices on the stack
+
+
+class LayerT(ctypes.Structure):
+    _fields_ = [("q", W), ("k", W), ("v", W), ("o", W), ("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("moe", ctypes.c_int), ("gate", W), ("up", W), ("down", W), ("w_stride_gu", ctypes.c_long),
+                ("s_stride_gu", ctypes.c_long), ("w_stride_d", ctypes.c_long), ("s_stride_d", ctypes.c_long),
+                ("F", ctypes.c_int), ("router", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("E", ctypes.c_int),
+                ("topk", ctypes.c_int), ("shared", ctypes.c_int), ("sgate", W), ("sup", W), ("sdown", W),
+                ("Fs", ctypes.c_int), ("kcache", ctypes.c_void_p), ("vcache", ctypes.c_void_p)]
+
+
+class ModelT(ctypes.Structure):
+    _fields_ = [("D", ctypes.c_int), ("Nq", ctypes.c_int), ("Nkv", ctypes.c_int), ("Dh", ctypes.c_int),
+                ("layers", ctypes.c_int), ("bf16", ctypes.c_int), ("max_f", ctypes.c_int), ("eps", ctypes.c_float),
+                ("norm_min", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+class Unsupported(Exception):
+    """This model (or one of its layers) cannot take the C decode step; the modules are used."""
+
+
+def weights_of(module: nn.Module, stacked: str | None = None) -> kernels.Weights:
+    """Kernel weights of a Linear / QuantLinear, or of one stacked projection of an expert module."""
+    src = getattr(module, stacked) if stacked else module
+    if isinstance(src, QuantWeight):
+        fmt = src.fmt.name
+        if not kernels.supports(fmt, src.in_features, src.group_size):
+            raise Unsupported(f"{fmt} weight with K={src.in_features}, group {src.group_size}")
+        zeros = getattr(src, "zeros", None)
+        return kernels.Weights(fmt, src.qweight.detach(), src.in_features, src.scales.detach(),
+                               None if zeros is None else zeros.detach(), src.group_size)
+    w = src if isinstance(src, torch.Tensor) else getattr(src, "weight", None)
+    if w is None or getattr(src, "bias", None) is not None:
+        raise Unsupported(f"{type(src).__name__} is not a bias-free linear weight")
+    if not kernels.supports(w.dtype, w.shape[-1]) or not w.is_contiguous():
+        raise Unsupported(f"weight {tuple(w.shape)} {w.dtype} is not kernel-shaped")
+    return kernels.Weights(w.dtype, w.detach(), w.shape[-1])
+
+
+class Decoder:
+    """The C decode step for one model; keeps the kernel views (and so the tensors) alive."""
+
+    def __init__(self, model: Ernie45Model, cfg):
+        dtype = model.embed_tokens.weight.dtype
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise Unsupported(f"activation dtype {dtype}")
+        if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+            raise Unsupported("forward hooks (a parallel plan) are installed")
+        self.cfg, self.dtype, self.keep = cfg, dtype, []
+        self.layers = (LayerT * cfg.num_hidden_layers)()
+        max_f = 0
+        for i, layer in enumerate(model.layers):
+            max_f = max(max_f, self._fill(self.layers[i], layer))
+        self.model_t = ModelT(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                              cfg.num_hidden_layers, int(dtype == torch.bfloat16), max_f, cfg.rms_norm_eps,
+                              cfg.moe_norm_min, cfg.head_dim ** -0.5)
+        self.max_f = max_f
+        self.inv_freq = model.inv_freq
+        self.embed = model.embed_tokens.weight
+        self._bound: KVCache | None = None
+
+    def _view(self, module, stacked=None) -> kernels.Weights:
+        w = weights_of(module, stacked)
+        self.keep.append(w)
+        return w
+
+    def _norm(self, norm: nn.Module) -> int:
+        if norm.weight.dtype != self.dtype:
+            raise Unsupported("norm weights in another dtype than the activations")
+        return norm.weight.data_ptr()
+
+    def _fill(self, t: LayerT, layer: nn.Module) -> int:
+        attn = layer.self_attn
+        t.q, t.k, t.v, t.o = (self._view(getattr(attn, n)).view for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        t.in_norm, t.post_norm = self._norm(layer.input_layernorm), self._norm(layer.post_attention_layernorm)
+        mlp = layer.mlp
+        if isinstance(mlp, MLP):
+            t.moe = 0
+            t.gate, t.up, t.down = (self._view(getattr(mlp, n)).view for n in ("gate_proj", "up_proj", "down_proj"))
+            t.F = self.keep[-3].out_features
+            return t.F
+        if not isinstance(mlp, SparseMoeBlock) or type(mlp.experts) not in _EXPERT_TYPES:
+            raise Unsupported(f"MLP {type(mlp).__name__} with {type(getattr(mlp, 'experts', None)).__name__}")
+        ex = mlp.experts
+        gate, up, down = (self._view(ex, n) for n in ("gate_proj", "up_proj", "down_proj"))
+        if gate.kind != up.kind or gate.group != up.group:
+            raise Unsupported("gate and up experts in different formats")
+        t.moe, t.gate, t.up, t.down = 1, gate.view, up.view, down.view
+        (t.w_stride_gu, t.s_stride_gu), (t.w_stride_d, t.s_stride_d) = gate.expert_strides(), down.expert_strides()
+        t.F, t.E, t.topk = gate.out_features, mlp.gate.weight.shape[0], mlp.k
+        if t.E > MAX_EXPERTS or t.topk > t.E:
+            raise Unsupported(f"{t.E} experts (at most {MAX_EXPERTS}) / top-{t.topk}")
+        router, bias = mlp.gate.weight.detach(), mlp.moe_statics.e_score_correction_bias.detach()
+        if router.dtype != torch.float32 or bias.dtype != torch.float32 or not router.is_contiguous():
+            raise Unsupported("router or correction bias not fp32")
+        self.keep += [router, bias]
+        t.router, t.bias = router.data_ptr(), bias.data_ptr()
+        t.shared, t.Fs = 0, 0
+        if mlp.shared_experts is not None:
+            sh = mlp.shared_experts
+            t.shared = 1
+            t.sgate, t.sup, t.sdown = (self._view(getattr(sh, n)).view for n in ("gate_proj", "up_proj", "down_proj"))
+            t.Fs = self.keep[-3].out_features
+        return max(t.F, t.Fs)
+
+    def bind(self, cache: KVCache) -> None:
+        """Point every layer at this cache's K/V buffers (batch 1, the activation dtype)."""
+        if self._bound is cache:
+            return
+        for i in range(self.cfg.num_hidden_layers):
+            k, v = cache.k[i], cache.v[i]
+            if k.dtype != self.dtype or not (k.is_contiguous() and v.is_contiguous()):
+                raise Unsupported("cache buffers in another dtype or layout")
+            self.layers[i].kcache, self.layers[i].vcache = k.data_ptr(), v.data_ptr()
+        self._bound = cache
+
+    def step(self, token: int, pos: int, cache: KVCache) -> torch.Tensor:
+        """Token id at position `pos` -> last layer output before the final norm [1, 1, D]."""
+        if pos >= cache.max_len:
+            raise ValueError(f"position {pos} is beyond this cache's {cache.max_len} slots; "
+                             "allocate the cache with max_len >= prompt + new tokens")
+        self.bind(cache)
+        cfg = self.cfg
+        x = self.embed[token].to(torch.float32, copy=True)  # [D]; the kernel updates it in place
+        cos, sin = rope_cos_sin(torch.tensor([[pos]]), self.inv_freq)  # [1, 1, Dh] fp32, torch's values
+        cos, sin = cos.contiguous(), sin.contiguous()
+        width = max(cfg.hidden_size, self.max_f)
+        scratch = torch.empty(8 * width + 2 * cfg.q_dim + 2 * cfg.kv_dim + 512 + cfg.num_attention_heads * (pos + 1))
+        kernels.decode(ctypes.byref(self.model_t), self.layers, x, pos, cos, sin, scratch)
+        cache.slot_pos[: cfg.num_hidden_layers, 0, pos] = pos
+        cache.length = max(cache.length, pos + 1)
+        return x.to(self.dtype).view(1, 1, -1)
+
+
+_EXPERT_TYPES: set[type] = {Experts, QuantExperts}  # exact types: EP's local experts route differently
+
+
+class FastErnie45Model(Ernie45Model):
+    """Ernie45Model whose one-token steps on a batch-1 KVCache run `Decoder` (installed by accelerate)."""
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
+        decoder = self.__dict__.get("_decoder")
+        if (decoder is not None and input_ids.shape == (1, 1) and type(cache) is KVCache
+                and cache.k[0].shape[0] == 1 and not torch.is_grad_enabled()):
+            return decoder.step(int(input_ids[0, 0]), int(positions[0, 0]), cache)
+        return super().forward(input_ids, positions, cache)
+
+
+def install(model: nn.Module) -> str | None:
+    """Swap `model.model` to FastErnie45Model with a Decoder; returns why not when it cannot."""
+    if not kernels.available():
+        return kernels.unavailable_reason()
+    from .fast import FastExperts, FastQuantExperts
+
+    _EXPERT_TYPES.update((FastExperts, FastQuantExperts))
+    trunk = model.model
+    if type(trunk) not in (Ernie45Model, FastErnie45Model):
+        return f"trunk is a {type(trunk).__name__}"
+    try:
+        decoder = Decoder(trunk, model.config)
+    except Unsupported as e:
+        return str(e)
+    trunk.__class__ = FastErnie45Model
+    trunk._decoder = decoder
+    return None
+
+
+def uninstall(model: nn.Module) -> None:
+    trunk = model.model
+    if type(trunk) is FastErnie45Model:
+        trunk.__class__ = Ernie45Model
+    trunk.__dict__.pop("_decoder", None)

@@ -1,0 +1,230 @@
+/* One decoded token through every trunk layer of an ERNIE 4.5 model, in one call (batch 1).
+ *
+ * Compiled together with gemv.c (this file includes it). The Python side (ernie45/fast_decode.py) fills
+ * one `layer_t` per decoder layer with views of the model's own parameters and KV cache buffers, so
+ * nothing is copied; the model's modules stay the reference this is tested against (tests/test_fast.py).
+ *
+ * Per layer, for residual x [D] (spec section 2; the order and rounding points of the torch modules):
+ *   h = RMSNorm(x); q,k,v = W h; interleaved RoPE on q,k (cos/sin given, computed by torch);
+ *   K/V written at `pos`; softmax(q.k * Dh^-0.5) over positions 0..pos (fp32 softmax); o = W_o att;
+ *   x += o; h = RMSNorm(x); x += MLP(h)  (dense SwiGLU, or router + top-k experts + shared experts).
+ * With bf16 != 0 every value is rounded to bf16 wherever the torch bf16 modules round (linear outputs,
+ * norms, RoPE, scores, probabilities, activations, products, sums), so a bf16 model's decode equals the
+ * reference up to summation order inside dot products and libm-vs-torch exp/rsqrt last bits.
+ * Built with -ffp-contract=off so that a*b+c stays two roundings, as in torch's elementwise ops.
+ */
+#include "gemv.c"
+
+typedef struct {
+    wview q, k, v, o;
+    const void *in_norm, *post_norm;  /* [D], kind of the activations (0 fp32, 1 bf16) */
+    int moe;                          /* 0: dense MLP in gate/up/down; 1: routed experts */
+    wview gate, up, down;             /* dense [F, D] / [D, F]; experts stacked [E, F, D] / [E, D, F] */
+    long w_stride_gu, s_stride_gu, w_stride_d, s_stride_d;
+    int F;
+    const float *router;              /* [E, D] fp32 */
+    const float *bias;                /* [E] fp32 (selection only) */
+    int E, topk;
+    int shared;                       /* shared experts present */
+    wview sgate, sup, sdown;
+    int Fs;
+    void *kcache, *vcache;            /* [S_max, Nkv, Dh] in the activation dtype */
+} layer_t;
+
+typedef struct {
+    int D, Nq, Nkv, Dh, layers, bf16, max_f;
+    float eps, norm_min, scale;  /* scale = Dh^-0.5 as torch computes it (double, then float) */
+} model_t;
+
+static inline float rnd(int bf16, float f) { return bf16 ? round_bf16(f) : f; }
+
+static inline float load_act(int bf16, const void *p, long i) {
+    if (!bf16) return ((const float *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline void store_act(int bf16, void *p, long i, float f) {  /* f already representable */
+    if (!bf16) {
+        ((float *)p)[i] = f;
+        return;
+    }
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
+}
+
+/* h = w * cast(x * rsqrt(mean(x^2) + eps)) (layers.RMSNorm). Called by one thread. */
+static void rms_norm(const model_t *m, const void *w, const float *x, float *h) {
+    float ss = 0.f;
+    for (int i = 0; i < m->D; i++) ss += x[i] * x[i];
+    const float r = 1.f / sqrtf(ss / m->D + m->eps);
+    for (int i = 0; i < m->D; i++) h[i] = rnd(m->bf16, load_act(m->bf16, w, i) * rnd(m->bf16, x[i] * r));
+}
+
+/* Rotate adjacent pairs of each head in place: (a, b) -> (a c - b s, b c + a s), cos/sin [Dh]. */
+static void rope(const model_t *m, float *t, int heads, const float *cs, const float *sn) {
+    for (int hd = 0; hd < heads; hd++) {
+        float *p = t + (long)hd * m->Dh;
+        for (int i = 0; i < m->Dh; i += 2) {
+            const float a = p[i], b = p[i + 1];
+            const float ra = a * cs[i] + (-b) * sn[i], rb = b * cs[i + 1] + a * sn[i + 1];
+            p[i] = rnd(m->bf16, ra);
+            p[i + 1] = rnd(m->bf16, rb);
+        }
+    }
+}
+
+/* Work-shared: y = rnd(W x) over the rows of v. */
+static void linear(const model_t *m, const wview *v, const float *x, int K, int N, float *y, float *xp, float *xs) {
+    gemv_shared(v, x, 1, K, N, y, xp, xs);
+#pragma omp for schedule(static)
+    for (int n = 0; n < N; n++) y[n] = rnd(m->bf16, y[n]);
+}
+
+/* Attention of query head j over positions 0..pos for one layer (called per head, work-shared). */
+static void attend_head(const model_t *m, const layer_t *L, const float *q, int j, int pos, float *sc, float *out) {
+    const int G = m->Nq / m->Nkv, kvh = j / G, Dh = m->Dh;
+    const float scale = m->scale;
+    const float *qj = q + (long)j * Dh;
+    float mx = -INFINITY;
+    for (int s = 0; s <= pos; s++) {
+        const long base = ((long)s * m->Nkv + kvh) * Dh;
+        float d = 0.f;
+        for (int i = 0; i < Dh; i++) d += qj[i] * load_act(m->bf16, L->kcache, base + i);
+        d = rnd(m->bf16, rnd(m->bf16, d) * scale);
+        sc[s] = d;
+        if (d > mx) mx = d;
+    }
+    float sum = 0.f;
+    for (int s = 0; s <= pos; s++) sum += (sc[s] = expf(sc[s] - mx));
+    for (int s = 0; s <= pos; s++) sc[s] = rnd(m->bf16, sc[s] / sum);
+    float *oj = out + (long)j * Dh;
+    for (int i = 0; i < Dh; i++) oj[i] = 0.f;
+    for (int s = 0; s <= pos; s++) {
+        const long base = ((long)s * m->Nkv + kvh) * Dh;
+        for (int i = 0; i < Dh; i++) oj[i] += sc[s] * load_act(m->bf16, L->vcache, base + i);
+    }
+    for (int i = 0; i < Dh; i++) oj[i] = rnd(m->bf16, oj[i]);
+}
+
+/* Router for one token (moe.Router + select_experts): ids ascending, coef in the activation dtype. */
+static int route(const model_t *m, const layer_t *L, const float *h, float *logits, long *ids, float *coef) {
+    float mx = -INFINITY, sum = 0.f;
+    for (int e = 0; e < L->E; e++) {
+        mx = fmaxf(mx, logits[e]);
+    }
+    for (int e = 0; e < L->E; e++) sum += (logits[e] = expf(logits[e] - mx));
+    for (int e = 0; e < L->E; e++) logits[e] /= sum;  /* probabilities */
+    int chosen[64];
+    float total = 0.f;
+    for (int t = 0; t < L->topk; t++) {  /* largest p + bias not yet chosen; ties: lowest id */
+        int best = -1;
+        for (int e = 0; e < L->E; e++) {
+            int used = 0;
+            for (int u = 0; u < t; u++) used |= chosen[u] == e;
+            if (!used && (best < 0 || logits[e] + L->bias[e] > logits[best] + L->bias[best])) best = e;
+        }
+        chosen[t] = best;
+        total += logits[best];
+    }
+    total = fmaxf(total, m->norm_min);
+    for (int a = 1; a < L->topk; a++)  /* ascending expert id: the reference's summation order */
+        for (int b = a; b > 0 && chosen[b - 1] > chosen[b]; b--) {
+            int tmp = chosen[b];
+            chosen[b] = chosen[b - 1];
+            chosen[b - 1] = tmp;
+        }
+    for (int t = 0; t < L->topk; t++) {
+        ids[t] = chosen[t];
+        coef[t] = rnd(m->bf16, logits[chosen[t]] / total);
+    }
+    (void)h;
+    return L->topk;
+}
+
+/* y += sum_i coef[i] * expert_ids[i](h) with the bf16 rounding points of moe_token (work-shared). */
+static void experts_into(const model_t *m, const wview *gate, const wview *up, const wview *down, long wgu, long sgu,
+                         long wd, long sd, const long *ids, const float *coef, int n, const float *h, int F,
+                         float *y, float *hh, float *t, float *xp, float *xs) {
+    const int D = m->D, bf16 = m->bf16;
+    for (int i = 0; i < n; i++) {
+        wview g = at_expert(gate, ids[i], wgu, sgu), u = at_expert(up, ids[i], wgu, sgu);
+        wview d = at_expert(down, ids[i], wd, sd);
+        if (is_packed(&g)) {
+#pragma omp single
+            prep_packed(&g, h, D, xp, xs);
+        }
+#pragma omp for schedule(static)
+        for (int r = 0; r < F; r++) {
+            float a = is_packed(&g) ? dot_packed(&g, r, xp, xs, D) : dot_plain(&g, r, h, D);
+            float b = is_packed(&u) ? dot_packed(&u, r, xp, xs, D) : dot_plain(&u, r, h, D);
+            a = rnd(bf16, a), b = rnd(bf16, b);
+            hh[r] = rnd(bf16, rnd(bf16, a / (1.f + expf(-a))) * b);
+        }
+        gemv_shared(&d, hh, 1, F, D, t, xp, xs);
+#pragma omp for schedule(static)
+        for (int r = 0; r < D; r++) y[r] = rnd(bf16, y[r] + rnd(bf16, coef[i] * rnd(bf16, t[r])));
+    }
+}
+
+/* x [D] (the residual stream, values of the activation dtype) -> after every trunk layer, in place.
+ * scratch floats: 6*D + 2*Nq*Dh + 2*Nkv*Dh + Nq*(pos+1) + 3*max_f + 2*max(D, max_f) + 4*64. */
+void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, const float *cs, const float *sn,
+                    float *scratch, int threads) {
+    const int D = m->D, qd = m->Nq * m->Dh, kd = m->Nkv * m->Dh, W = D > m->max_f ? D : m->max_f;
+    float *h = scratch, *q = h + D, *k = q + qd, *v = k + kd, *att = v + kd, *o = att + qd, *y = o + D;
+    float *hh = y + D, *t = hh + m->max_f, *xp = t + W, *xs = xp + W, *lg = xs + W, *coef = lg + 64;
+    long *ids = (long *)(coef + 64);  /* 64 longs = 128 floats of room */
+    float *sc = (float *)(ids + 64);
+    const float one = 1.f;
+    const long zero_id = 0;
+#pragma omp parallel num_threads(threads)
+    for (int l = 0; l < m->layers; l++) {
+        const layer_t *L = &layers[l];
+#pragma omp single
+        rms_norm(m, L->in_norm, x, h);
+        linear(m, &L->q, h, D, qd, q, xp, xs);
+        linear(m, &L->k, h, D, kd, k, xp, xs);
+        linear(m, &L->v, h, D, kd, v, xp, xs);
+#pragma omp single
+        {
+            rope(m, q, m->Nq, cs, sn);
+            rope(m, k, m->Nkv, cs, sn);
+            for (int i = 0; i < kd; i++) {
+                store_act(m->bf16, L->kcache, (long)pos * kd + i, k[i]);
+                store_act(m->bf16, L->vcache, (long)pos * kd + i, v[i]);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int j = 0; j < m->Nq; j++) attend_head(m, L, q, j, pos, sc + (long)j * (pos + 1), att);
+        linear(m, &L->o, att, qd, D, o, xp, xs);
+#pragma omp single
+        {
+            for (int i = 0; i < D; i++) x[i] = rnd(m->bf16, x[i] + o[i]);
+            rms_norm(m, L->post_norm, x, h);
+            for (int i = 0; i < D; i++) y[i] = 0.f;
+        }
+        if (L->moe) {
+#pragma omp for schedule(static)
+            for (int e = 0; e < L->E; e++) {
+                float d = 0.f;
+                for (int i = 0; i < D; i++) d += L->router[(long)e * D + i] * h[i];
+                lg[e] = d;
+            }
+#pragma omp single
+            route(m, L, h, lg, ids, coef);
+            experts_into(m, &L->gate, &L->up, &L->down, L->w_stride_gu, L->s_stride_gu, L->w_stride_d, L->s_stride_d,
+                         ids, coef, L->topk, h, L->F, y, hh, t, xp, xs);
+            if (L->shared)
+                experts_into(m, &L->sgate, &L->sup, &L->sdown, 0, 0, 0, 0, &zero_id, &one, 1, h, L->Fs, y, hh, t,
+                             xp, xs);
+        } else {
+            experts_into(m, &L->gate, &L->up, &L->down, 0, 0, 0, 0, &zero_id, &one, 1, h, L->F, y, hh, t, xp, xs);
+        }
+#pragma omp single
+        for (int i = 0; i < D; i++) x[i] = rnd(m->bf16, x[i] + y[i]);
+    }
+}
