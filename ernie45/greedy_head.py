@@ -2,10 +2,12 @@
 
 The head of a tied ERNIE 4.5 model is the embedding table (V x D: 103,424 x 1,024 on the bench model, more
 than half of the bytes a decoded token reads). Greedy decoding only needs the argmax, so:
-1. screen: approximate logits a = x . q_r * s_r from an int8 copy of the head (per-row scale
-   s_r = max|w_r| / 127, round to nearest, so every weight is off by at most s_r / 2);
-2. bound: |exact_r - a_r| <= b_r = s_r / 2 * ||x||_1 (plus fp32 accumulation slack and, for bf16 heads,
-   the rounding of the logit itself);
+1. screen: approximate logits from an int8 copy of the head (per-row scale s_r = max|w_r| / 127, round
+   to nearest, so every weight is off by at most s_r / 2). With the kernels, x is rounded to int8 too
+   (x ~ sx * xq, off by at most sx / 2 per element) and a_r = s_r * sx * (q_r . xq) is an exact integer
+   dot product (AVX2 maddubs: a quarter of the work of converting weights to float);
+2. bound: |exact_r - a_r| <= b_r = s_r / 2 * ||x||_1 + s_r * sx / 2 * sum_k |q_rk| (the second term only
+   when x was rounded), plus fp32 slack and, for bf16 heads, the rounding of the logit itself;
 3. every row that can still be the maximum (a_r + b_r >= max(a - b)) is recomputed exactly, in the
    head's dtype, and the first maximal index among them wins — torch.argmax's tie rule over all rows.
 The answer is the reference argmax (up to summation order inside a dot product); with more candidates
@@ -38,26 +40,29 @@ class GreedyHead:
             s = (w.abs().amax(1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
             self.q[start:start + chunk] = torch.round(w / s[:, None]).to(torch.int8)
             self.scale[start:start + chunk] = s
-        self.screen = kernels.Weights("int8", self.q, D, self.scale) if kernels.available() else None
+        self.integer = kernels.available() and D % 32 == 0
+        self.abs_q = self.q.abs().sum(1, dtype=torch.int32).float()  # [V] sum_k |q_rk|
         self.full_heads = 0  # rows that fell back to the whole head (diagnostics)
 
-    def approx(self, x: torch.Tensor) -> torch.Tensor:  # [R, D] fp32 -> [R, V]
-        if self.screen is not None:
-            return kernels.gemv(self.screen, x)
-        return F.linear(x, self.q.float()) * self.scale
+    def approx(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [D] fp32 -> (approximate logits [V], their error bound [V])."""
+        bound = self.scale * (0.5 * x.abs().sum())
+        if not self.integer:
+            return F.linear(x, self.q.float()) * self.scale, bound
+        sx = float(x.abs().max()) / 127 or 1.0
+        xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
+        return kernels.gemv_i8i8(self.q, self.scale, xq, sx), bound + self.scale * self.abs_q * (0.5 * sx)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, D] (normed hidden, model dtype) -> token ids [R] (int64)."""
         x32 = x.float()
-        a = self.approx(x32)  # [R, V]
-        bound = self.scale * (0.5 * x32.abs().sum(-1, keepdim=True))  # [R, V]
-        bound = bound + FP32_SLACK * (a.abs() + bound)
-        if self.weight.dtype != torch.float32:  # the reference rounds each logit to the head dtype
-            bound = bound + (a.abs() + bound) * torch.finfo(self.weight.dtype).eps
+        slack = FP32_SLACK + (torch.finfo(self.weight.dtype).eps if self.weight.dtype != torch.float32 else 0.0)
         out = torch.empty(x.shape[0], dtype=torch.long)
         for r in range(x.shape[0]):
-            floor = (a[r] - bound[r]).max()
-            cand = torch.nonzero(a[r] + bound[r] >= floor).flatten()  # ascending row ids
+            a, bound = self.approx(x32[r])  # [V] each
+            bound = bound + slack * (a.abs() + bound)  # fp32 rounding; a bf16 reference rounds each logit
+            floor = (a - bound).max()
+            cand = torch.nonzero(a + bound >= floor).flatten()  # ascending row ids
             if cand.numel() > MAX_CANDIDATES:
                 self.full_heads += 1
                 out[r] = torch.argmax(F.linear(x[r], self.weight))

@@ -73,6 +73,7 @@ def _build() -> ctypes.CDLL:
     handle.ernie45_gemv.restype = None
     handle.ernie45_moe_token.restype = None
     handle.ernie45_decode.restype = None
+    handle.ernie45_gemv_i8i8.restype = None
     return handle
 
 
@@ -195,3 +196,12 @@ def decode(model_t, layers, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: t
     """One token through every layer described by `layers` (fast_decode.py builds them); x [D] in place."""
     _require().ernie45_decode(model_t, layers, _ptr(x), int(pos), _ptr(cos), _ptr(sin), _ptr(scratch),
                               torch.get_num_threads())
+
+
+def gemv_i8i8(q: torch.Tensor, scale: torch.Tensor, xq: torch.Tensor, sx: float) -> torch.Tensor:
+    """int8 rows q [N, K] (scale [N] fp32) . int8 vector xq [K] (scale sx) -> fp32 [N]; K % 32 == 0."""
+    N, K = q.shape
+    y = torch.empty(N)
+    _require().ernie45_gemv_i8i8(_ptr(q), ctypes.c_long(q.stride(0)), _ptr(scale), _ptr(xq), ctypes.c_float(sx),
+                                 K, N, _ptr(y), torch.get_num_threads())
+    return y

@@ -220,3 +220,26 @@ void ernie45_moe_token(const wview *gate, const wview *up, const wview *down, lo
             y[r] = bf16 ? round_bf16(y[r] + round_bf16(coef[i] * round_bf16(t[r]))) : y[r] + coef[i] * t[r];
     }
 }
+
+/* Integer screen: y[n] = s[n] * sx * sum_k q[n,k] * xq[k] with int8 weights q [N, K] (row stride ld bytes)
+ * and int8 activations xq [K]; exact integer sums (|q|, |xq| <= 127, K % 32 == 0, K < 2^17). Used only
+ * where a bound covers the activation rounding (greedy_head.py), never as a model's matmul. */
+void ernie45_gemv_i8i8(const int8_t *w, long ld, const float *s, const int8_t *xq, float sx, int K, int N,
+                       float *y, int threads) {
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int n = 0; n < N; n++) {
+        const int8_t *row = w + n * ld;
+        __m256i acc = _mm256_setzero_si256();
+        for (int k = 0; k < K; k += 32) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(row + k));
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k));
+            __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(q, xv));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+        }
+        __m128i a = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4e));
+        a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0xb1));
+        y[n] = (float)_mm_cvtsi128_si32(a) * s[n] * sx;
+    }
+}
