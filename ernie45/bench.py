@@ -56,12 +56,30 @@ def throughput(model, concurrency: int, prompt_tokens: int, new_tokens: int) -> 
     from .engine import Engine
     from .sampling import SamplingParams
 
-    engine = Engine(model, max_num_seqs=concurrency, kv_cache_bytes=512 << 20)
+    from .plan import kv_bytes_per_token
+
+    need = concurrency * (prompt_tokens + new_tokens) * kv_bytes_per_token(model.config)
+    per_token_dtype = model.model.embed_tokens.weight.element_size() / 2  # the planner counts bf16 KV
+    engine = Engine(model, max_num_seqs=concurrency, kv_cache_bytes=max(16 << 20, int(2 * need * per_token_dtype)))
     prompts = {f"r{i}": [100 + (i * 7 + j) % 1000 for j in range(prompt_tokens)] for i in range(concurrency)}
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     t0 = time.perf_counter()
     out = engine.generate(prompts, params)
     return sum(map(len, out.values())) / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def divergence(model, context: list[int], ref_token: int, fast_token: int) -> dict:
+    """Where the fast path first chose another token: how close the reference's own logits were there.
+
+    A near-tie (the fast token second in the reference's ranking, a gap of a few bf16 ulps) is rounding
+    noise between two correct implementations; a large gap would be a bug.
+    """
+    logits = model(torch.tensor([context]))[0, -1].float()
+    gap = float(logits[ref_token] - logits[fast_token])
+    return {"index": len(context), "reference_token": ref_token, "fast_token": fast_token,
+            "reference_logit_gap": gap, "reference_logit_spread": float(logits.max() - logits.min()),
+            "fast_token_rank_in_reference": int((logits > logits[fast_token]).sum())}
 
 
 def active_bytes(model, dtype: str) -> int:
@@ -110,10 +128,13 @@ def run(args: argparse.Namespace) -> dict:
     if args.check and not args.reference:
         fast.reference(model)
         ref, _, ref_s = decode_run(model, prompt, args.new_tokens)
-        fast.accelerate(model)
         result["reference_decode_tok_s"] = (len(ref) - 1) / ref_s if len(ref) > 1 else None
         result["greedy_matches_reference"] = ref == tokens
-        result["greedy_prefix_agreement"] = next((i for i, (a, b) in enumerate(zip(ref, tokens)) if a != b), len(ref))
+        agree = next((i for i, (a, b) in enumerate(zip(ref, tokens)) if a != b), len(ref))
+        result["greedy_prefix_agreement"] = agree
+        if agree < len(ref):  # judged on the reference modules
+            result["first_divergence"] = divergence(model, prompt + ref[:agree], ref[agree], tokens[agree])
+        fast.accelerate(model)
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["torch"] = torch.__version__
     result["machine"] = platform.machine()
@@ -138,6 +159,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"  reference path decode {result['reference_decode_tok_s']:.2f} tok/s; greedy tokens "
               f"{'match' if result['greedy_matches_reference'] else 'DIFFER from'} the reference "
               f"(first {result['greedy_prefix_agreement']} agree)")
+    if "first_divergence" in result:
+        d = result["first_divergence"]
+        print(f"  first divergence: the fast token is #{d['fast_token_rank_in_reference'] + 1} in the reference's "
+              f"ranking, {d['reference_logit_gap']:.4g} below its top logit (logit spread {d['reference_logit_spread']:.3g})")
     return 0
 
 

@@ -30,7 +30,8 @@ from . import kernels
 from .moe import Experts
 from .quant.modules import QuantExperts, QuantLinear, QuantWeight
 
-DECODE_ROWS = 16  # rows up to which the GEMV kernels beat a GEMM (the weight is re-read from L1 per row)
+DECODE_ROWS = 16  # fp32 weights: rows up to which the kernels beat MKL's GEMM
+KERNEL_MAX_ROWS = 64  # bf16/int weights: the kernels convert each 4-row block once and reuse it for every row
 # Smallest weight (N x K elements, per expert) worth a kernel call: below it the ~10-20 us of Python and
 # ctypes around a call cost more than torch's own small GEMV (measured on the 8.5 M-param default model).
 MIN_KERNEL_ELEMENTS = 1 << 16
@@ -77,10 +78,15 @@ def prefill_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def kernel_rows(weights: kernels.Weights) -> int:
+    """Rows up to which a kernel call beats the GEMM route for these weights."""
+    return DECODE_ROWS if weights.kind == kernels.KINDS[torch.float32] else KERNEL_MAX_ROWS
+
+
 def kernel_linear(x: torch.Tensor, weights: kernels.Weights | None, fallback) -> torch.Tensor:
     """x [..., K] -> [..., N] in x.dtype via the GEMV kernel when few rows, else `fallback(x2d)`."""
     flat = x.reshape(-1, x.shape[-1])
-    if weights is not None and flat.shape[0] <= DECODE_ROWS and x.device.type == "cpu":
+    if weights is not None and flat.shape[0] <= kernel_rows(weights) and x.device.type == "cpu":
         out = kernels.gemv(weights, flat).to(x.dtype)
     else:
         out = fallback(flat)
@@ -125,7 +131,13 @@ class _FastGrouped:
             kernels.moe_token(gate, up, down, expert[order], weight[order].float(), x[0], y,
                               bf16=x.dtype == torch.bfloat16)
             return y.to(x.dtype)[None]
-        return super().grouped(x, token, expert, weight)
+        order = torch.argsort(expert, stable=True)  # by expert, ascending token within: the reference order
+        expert = expert[order]
+        if expert.numel() and int(torch.bincount(expert).max()) <= kernel_rows(gate):  # decode batches
+            out = kernels.moe_tokens(gate, up, down, expert, token[order], weight[order].float(), x,
+                                     bf16=x.dtype == torch.bfloat16)
+            return out.to(x.dtype)
+        return super().grouped(x, token[order], expert, weight[order])
 
 
 class FastExperts(_FastGrouped, Experts):

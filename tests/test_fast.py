@@ -70,6 +70,20 @@ def test_gemv_float_kinds(kind, M):
 
 
 @needs_kernels
+@pytest.mark.parametrize("kind", [torch.float32, torch.bfloat16, "int8"])
+def test_gemv_rows_do_not_depend_on_batch(kind):
+    """Several activation rows reuse each converted weight block, with the one-row lane order."""
+    torch.manual_seed(5)
+    x, w = torch.randn(40, 1536), torch.randn(70, 1536)
+    weights = (kernels.Weights(kind, w.to(kind), 1536) if kind != "int8" else
+               kernels.Weights("int8", *(lambda q: (q.qweight, 1536, q.scales))(quantize_rtn(w, get_format("int8")))))
+    together = kernels.gemv(weights, x)
+    assert torch.equal(together, torch.cat([kernels.gemv(weights, x[i:i + 1]) for i in range(40)]))
+    with pytest.raises(ValueError, match="at most 64"):
+        kernels.gemv(weights, torch.randn(65, 1536))
+
+
+@needs_kernels
 @pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 128), ("int4", 32), ("int2", 64), ("int2", 32)])
 def test_gemv_quantized_kinds(fmt, group):
     torch.manual_seed(1)
@@ -203,6 +217,27 @@ def test_decode_step_position_beyond_the_cache_is_an_error():
         model.model(torch.tensor([[5]]), torch.tensor([[3]]), cache)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme", [None, "int4"])
+def test_grouped_experts_for_a_decode_batch_match_reference(dtype, scheme):
+    model = _keep_fp32(tiny_model(dtype, seed=15))
+    if scheme:
+        model = quantize_model(model, scheme)
+        set_path(model, "reference")
+    block = model.model.layers[1].mlp
+    x = torch.randn(6, 64).to(dtype)
+    with torch.no_grad():
+        _, w, idx = block.route(x)
+        want = block.experts(x, w, idx)
+        fast.accelerate(model)
+        got = block.experts(x, w, idx)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    else:  # bf16 rounding (and, quantized, the reference's bf16-rounded dequantized weights)
+        assert (got.float() - want.float()).abs().max() <= 2 ** -6 * want.float().abs().max()
+
+
 # ---- attention ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attend_gqa_matches_reference(dtype):
@@ -236,7 +271,7 @@ def test_fast_logits_match_reference_fp32():
     ids = torch.randint(0, 256, (1, 9))
     want = model(ids)
     fast.accelerate(model)
-    torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-5)  # prefill rows > DECODE_ROWS? no: 9 rows
+    torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-5)  # 9 rows: multi-row kernels
     got_step = [model(ids[:, : t + 1])[:, -1] for t in range(3)]  # single-row heads run the kernels
     for t, g in enumerate(got_step):
         torch.testing.assert_close(g, want[:, t], rtol=1e-5, atol=1e-5)
@@ -254,7 +289,7 @@ def test_fast_greedy_equals_reference(dtype):
 @needs_kernels
 def test_fast_prefill_many_rows_bf16_uses_fp32_gemm():
     model = _keep_fp32(tiny_model(torch.bfloat16, seed=5))
-    ids = torch.randint(0, 256, (1, 40))  # > DECODE_ROWS: fp32 GEMM on up-cast bf16 weights
+    ids = torch.randint(0, 256, (1, 80))  # > KERNEL_MAX_ROWS: fp32 GEMM on up-cast bf16 weights
     want = model(ids).float()
     got = fast.accelerate(model)(ids).float()
     assert (got - want).abs().max() <= 0.05 * want.abs().max()

@@ -30,6 +30,7 @@ import torch
 SOURCE = Path(__file__).with_name("decode.c")  # includes gemv.c: one library
 SOURCES = (SOURCE, Path(__file__).with_name("gemv.c"))
 KINDS = {torch.float32: 0, torch.bfloat16: 1, "int8": 2, "int4": 3, "int2": 4}
+MAX_ROWS = 64  # gemv.c's MAX_ROWS
 K_ALIGN = 16  # the plain kernels consume 16 columns per iteration
 
 _lib: ctypes.CDLL | None = None
@@ -74,6 +75,7 @@ def _build() -> ctypes.CDLL:
     handle.ernie45_moe_token.restype = None
     handle.ernie45_decode.restype = None
     handle.ernie45_gemv_i8i8.restype = None
+    handle.ernie45_moe_tokens.restype = None
     return handle
 
 
@@ -162,6 +164,8 @@ def gemv(w: Weights, x: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype) -> fp32 [M, N] = x @ W^T, reading each weight once per call."""
     x = x.float().contiguous()
     M, K = x.shape
+    if M > MAX_ROWS:
+        raise ValueError(f"gemv takes at most {MAX_ROWS} activation rows, got {M}; use a GEMM")
     y = torch.empty(M, w.out_features)
     xp, xs = (torch.empty(M * w.in_features), torch.empty(M * (w.in_features // w.group))) if w.packed \
         else (_NO_SCRATCH, _NO_SCRATCH)
@@ -204,4 +208,32 @@ def gemv_i8i8(q: torch.Tensor, scale: torch.Tensor, xq: torch.Tensor, sx: float)
     y = torch.empty(N)
     _require().ernie45_gemv_i8i8(_ptr(q), ctypes.c_long(q.stride(0)), _ptr(scale), _ptr(xq), ctypes.c_float(sx),
                                  K, N, _ptr(y), torch.get_num_threads())
+    return y
+
+
+def moe_tokens(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, tok: torch.Tensor, coef: torch.Tensor,
+               x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """(token, expert, weight) pairs [P] sorted by expert then token -> fp32 [T, D] = sum of weighted experts.
+
+    Each expert runs once on all its rows; the same order and rounding as moe.Experts.grouped.
+    """
+    x = x.float().contiguous()
+    T, D = x.shape
+    F = gate.out_features
+    ids, tok, coef = ids.to(torch.long).contiguous(), tok.to(torch.long).contiguous(), coef.float().contiguous()
+    rows = int(torch.bincount(ids).max()) if ids.numel() else 0
+    if rows > MAX_ROWS:
+        raise ValueError(f"moe_tokens takes at most {MAX_ROWS} rows per expert, got {rows}")
+    y = torch.zeros(T, D)
+    width = max(D, F)
+    X, Y = torch.empty(rows * D), torch.empty(rows * D)
+    G, U = torch.empty(rows * F), torch.empty(rows * F)
+    xp, xs = torch.empty(rows * width), torch.empty(rows * width)
+    wgu, sgu = gate.expert_strides()
+    wd, sd = down.expert_strides()
+    _require().ernie45_moe_tokens(ctypes.byref(gate.view), ctypes.byref(up.view), ctypes.byref(down.view),
+                                  ctypes.c_long(wgu), ctypes.c_long(sgu), ctypes.c_long(wd), ctypes.c_long(sd),
+                                  _ptr(ids), _ptr(tok), _ptr(coef), int(ids.numel()), _ptr(x), D, F, _ptr(y),
+                                  _ptr(X), _ptr(G), _ptr(U), _ptr(Y), _ptr(xp), _ptr(xs), int(bf16),
+                                  torch.get_num_threads())
     return y

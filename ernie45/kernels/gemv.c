@@ -91,6 +91,60 @@ static float dot_plain(const wview *v, long n, const float *x, int K) {
     return v->kind == 2 ? d * v->s[n] : d;
 }
 
+#define MAX_ROWS 64   /* activation rows one call may carry (M) */
+#define CHUNK 512     /* columns of four weight rows converted to fp32 at a time (8 KB) */
+
+/* y[m, n..n+3] for all M rows: the four weight rows are converted to fp32 once per CHUNK columns and
+ * reused for every activation row. Each (m, r) keeps the lane accumulators of dot4_plain across chunks,
+ * so the result is bit-identical to dot4_plain for any M. M <= MAX_ROWS, K % 16 == 0. */
+static void dot4_rows(const wview *v, long n, const float *x, int M, int K, int N, float *y) {
+    float buf[4][CHUNK] __attribute__((aligned(32)));
+    float acc[MAX_ROWS][4][16] __attribute__((aligned(32)));
+    memset(acc, 0, sizeof(float) * 64 * M);
+    const char *rows[4] = {(const char *)v->w + n * v->ld, (const char *)v->w + (n + 1) * v->ld,
+                           (const char *)v->w + (n + 2) * v->ld, (const char *)v->w + (n + 3) * v->ld};
+    for (int k0 = 0; k0 < K; k0 += CHUNK) {
+        const int kc = K - k0 < CHUNK ? K - k0 : CHUNK;
+        const float *wr[4];
+        for (int r = 0; r < 4; r++) {
+            if (v->kind == 0) {
+                wr[r] = (const float *)rows[r] + k0;
+            } else {
+                for (int k = 0; k < kc; k += 8) _mm256_store_ps(buf[r] + k, load_w8(v->kind, rows[r], k0 + k));
+                wr[r] = buf[r];
+            }
+        }
+        for (int m = 0; m < M; m++) {
+            const float *xm = x + (long)m * K + k0;
+            float (*am)[16] = acc[m];
+            __m256 a0 = _mm256_load_ps(am[0]), b0 = _mm256_load_ps(am[0] + 8);
+            __m256 a1 = _mm256_load_ps(am[1]), b1 = _mm256_load_ps(am[1] + 8);
+            __m256 a2 = _mm256_load_ps(am[2]), b2 = _mm256_load_ps(am[2] + 8);
+            __m256 a3 = _mm256_load_ps(am[3]), b3 = _mm256_load_ps(am[3] + 8);
+            for (int k = 0; k < kc; k += 16) {
+                __m256 x0 = _mm256_loadu_ps(xm + k), x1 = _mm256_loadu_ps(xm + k + 8);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[0] + k), x0, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[1] + k), x0, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[2] + k), x0, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[3] + k), x0, a3);
+                b0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[0] + k + 8), x1, b0);
+                b1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[1] + k + 8), x1, b1);
+                b2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[2] + k + 8), x1, b2);
+                b3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[3] + k + 8), x1, b3);
+            }
+            _mm256_store_ps(am[0], a0), _mm256_store_ps(am[0] + 8, b0);
+            _mm256_store_ps(am[1], a1), _mm256_store_ps(am[1] + 8, b1);
+            _mm256_store_ps(am[2], a2), _mm256_store_ps(am[2] + 8, b2);
+            _mm256_store_ps(am[3], a3), _mm256_store_ps(am[3] + 8, b3);
+        }
+    }
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < 4; r++) {
+            float d = hsum8(_mm256_add_ps(_mm256_load_ps(acc[m][r]), _mm256_load_ps(acc[m][r] + 8)));
+            y[(long)m * N + n + r] = v->kind == 2 ? d * v->s[n + r] : d;
+        }
+}
+
 /* dot(x, row) for int4/int2: xp = permuted x (K floats), xs = per-group sums of x. */
 static float dot_packed(const wview *v, long n, const float *xp, const float *xs, int K) {
     const int bits = v->kind == 3 ? 4 : 2, per = 8 / bits, mid = 1 << (bits - 1);
@@ -151,6 +205,10 @@ static void gemv_shared(const wview *v, const float *x, int M, int K, int N, flo
     const int blocks = N / 4;
 #pragma omp for schedule(static)
     for (int b = 0; b < blocks + N % 4; b++) {
+        if (b < blocks && M > 1) {
+            dot4_rows(v, 4L * b, x, M, K, N, y);
+            continue;
+        }
         for (int m = 0; m < M; m++) {
             if (b < blocks) {
                 float out[4];
@@ -241,5 +299,45 @@ void ernie45_gemv_i8i8(const int8_t *w, long ld, const float *s, const int8_t *x
         a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4e));
         a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0xb1));
         y[n] = (float)_mm_cvtsi128_si32(a) * s[n] * sx;
+    }
+}
+
+/* Several tokens through their experts: pairs p (sorted by expert, then token) of (ids[p], tok[p], coef[p]).
+ * Each expert runs once on all its rows (M = rows of that expert, at most max_rows): gather x rows,
+ * h = silu(gate X) * (up X), Y = down h, y[tok] += coef * Y row, ascending expert then token, with the
+ * bf16 reference's rounding points (moe.Experts.grouped: index_add_ into a bf16 output).
+ * x [T, D]; y [T, D] fp32 (zeroed by the caller). Scratch: X [max_rows*D], G and U [max_rows*F],
+ * Y [max_rows*D], xp [max_rows*max(D,F)], xs [max_rows*max(D,F)]. */
+void ernie45_moe_tokens(const wview *gate, const wview *up, const wview *down, long w_stride_gu, long s_stride_gu,
+                        long w_stride_d, long s_stride_d, const long *ids, const long *tok, const float *coef,
+                        int P, const float *x, int D, int F, float *y, float *X, float *G, float *U, float *Y,
+                        float *xp, float *xs, int bf16, int threads) {
+#pragma omp parallel num_threads(threads)
+    for (int p0 = 0; p0 < P;) {
+        int p1 = p0;
+        while (p1 < P && ids[p1] == ids[p0]) p1++;
+        const int n = p1 - p0;
+        wview g = at_expert(gate, ids[p0], w_stride_gu, s_stride_gu), u = at_expert(up, ids[p0], w_stride_gu, s_stride_gu);
+        wview d = at_expert(down, ids[p0], w_stride_d, s_stride_d);
+#pragma omp for schedule(static)
+        for (int r = 0; r < n; r++) memcpy(X + (long)r * D, x + tok[p0 + r] * D, sizeof(float) * D);
+        gemv_shared(&g, X, n, D, F, G, xp, xs);
+        gemv_shared(&u, X, n, D, F, U, xp, xs);
+#pragma omp for schedule(static)
+        for (long i = 0; i < (long)n * F; i++) {
+            float a = G[i], b = U[i];
+            if (bf16) a = round_bf16(a), b = round_bf16(b);
+            float act = a / (1.f + expf(-a));
+            G[i] = bf16 ? round_bf16(round_bf16(act) * b) : act * b;
+        }
+        gemv_shared(&d, G, n, F, D, Y, xp, xs);
+#pragma omp for schedule(static)
+        for (int c = 0; c < D; c++)
+            for (int r = 0; r < n; r++) {
+                float *o = y + tok[p0 + r] * D + c;
+                const float t = Y[(long)r * D + c];
+                *o = bf16 ? round_bf16(*o + round_bf16(coef[p0 + r] * round_bf16(t))) : *o + coef[p0 + r] * t;
+            }
+        p0 = p1;
     }
 }
