@@ -7,12 +7,14 @@ were, only `forward` changes, and `reference(model)` swaps back. Each fast class
 module it replaces and is tested against it (tests/test_fast.py).
 
 What runs where (rows = tokens in this call):
-- up to DECODE_ROWS rows, kernel available: `kernels.gemv` reads the weight once in its stored format
-  (fp32, bf16, int8, int4, int2) with fp32 activations; the result is cast to the activation dtype,
-  exactly where F.linear would round.
-- one token through the routed experts: `kernels.moe_token`, all selected experts in one call, in
-  ascending expert id, with the bf16 reference's rounding points when the model is bf16 — so a bf16
-  model's decode equals the reference up to summation order inside dot products.
+- one token on a batch-1 KVCache: the whole trunk in one C call (fast_decode.py), and at temperature 0
+  the exact int8-screened argmax instead of the full head (greedy_head.py);
+- up to DECODE_ROWS rows (fp32 weights) or KERNEL_MAX_ROWS (bf16/int8/int4/int2): `kernels.gemv` reads
+  the weight once in its stored format with fp32 activations; the result is cast to the activation
+  dtype, exactly where F.linear would round;
+- routed experts of a decode batch (one token, or at most that many rows per expert): one C call for
+  all (token, expert) pairs, ascending expert id, with the bf16 reference's rounding points when the
+  model is bf16 — a bf16 model's decode equals the reference up to summation order in dot products;
 - many rows with bf16 weights (prefill): an fp32 GEMM on the up-cast weight (CPUs without native bf16
   run bf16 GEMM ~5x slower: field-notes), rounded back to bf16.
 - anything else: the module's own forward.
@@ -38,20 +40,21 @@ MIN_KERNEL_ELEMENTS = 1 << 16
 GREEDY_HEAD_MIN_ELEMENTS = 1 << 22  # heads from ~16 MB (bf16) up: the int8 screen pays for its RAM
 
 
-def plain_weights(w: torch.Tensor) -> kernels.Weights | None:
+def plain_weights(w: torch.Tensor, min_elements: int | None = None) -> kernels.Weights | None:
     """fp32/bf16 rows [*, N, K] as kernel weights, or None when the kernels cannot take them."""
+    small = w.shape[-1] * w.shape[-2] < (MIN_KERNEL_ELEMENTS if min_elements is None else min_elements)
     if not kernels.available() or w.device.type != "cpu" or not kernels.supports(w.dtype, w.shape[-1]) \
-            or not w.is_contiguous() or w.shape[-1] * w.shape[-2] < MIN_KERNEL_ELEMENTS:
+            or not w.is_contiguous() or small:
         return None
     return kernels.Weights(w.dtype, w.detach(), w.shape[-1])
 
 
-def quant_weights(q: QuantWeight) -> kernels.Weights | None:
+def quant_weights(q: QuantWeight, min_elements: int | None = None) -> kernels.Weights | None:
     """A QuantWeight's stored tensors as kernel weights (int8/int4/int2), or None."""
     fmt = q.fmt.name
+    small = q.in_features * q.out_features < (MIN_KERNEL_ELEMENTS if min_elements is None else min_elements)
     if not kernels.available() or q.qweight.device.type != "cpu" \
-            or not kernels.supports(fmt, q.in_features, q.group_size) \
-            or q.in_features * q.out_features < MIN_KERNEL_ELEMENTS:
+            or not kernels.supports(fmt, q.in_features, q.group_size) or small:
         return None
     zeros = getattr(q, "zeros", None)
     return kernels.Weights(fmt, q.qweight.detach(), q.in_features, q.scales.detach(),

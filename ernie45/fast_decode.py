@@ -22,6 +22,7 @@ from torch import nn
 
 from . import kernels
 from .cache import KVCache
+from .fast import FastExperts, FastQuantExperts, plain_weights, quant_weights
 from .layers import MLP, rope_cos_sin
 from .model import Ernie45Model
 from .moe import Experts, SparseMoeBlock
@@ -54,18 +55,15 @@ def weights_of(module: nn.Module, stacked: str | None = None) -> kernels.Weights
     """Kernel weights of a Linear / QuantLinear, or of one stacked projection of an expert module."""
     src = getattr(module, stacked) if stacked else module
     if isinstance(src, QuantWeight):
-        fmt = src.fmt.name
-        if not kernels.supports(fmt, src.in_features, src.group_size):
-            raise Unsupported(f"{fmt} weight with K={src.in_features}, group {src.group_size}")
-        zeros = getattr(src, "zeros", None)
-        return kernels.Weights(fmt, src.qweight.detach(), src.in_features, src.scales.detach(),
-                               None if zeros is None else zeros.detach(), src.group_size)
-    w = src if isinstance(src, torch.Tensor) else getattr(src, "weight", None)
-    if w is None or getattr(src, "bias", None) is not None:
-        raise Unsupported(f"{type(src).__name__} is not a bias-free linear weight")
-    if not kernels.supports(w.dtype, w.shape[-1]) or not w.is_contiguous():
-        raise Unsupported(f"weight {tuple(w.shape)} {w.dtype} is not kernel-shaped")
-    return kernels.Weights(w.dtype, w.detach(), w.shape[-1])
+        weights = quant_weights(src, min_elements=0)
+    else:
+        w = src if isinstance(src, torch.Tensor) else getattr(src, "weight", None)
+        if w is None or getattr(src, "bias", None) is not None:
+            raise Unsupported(f"{type(src).__name__} is not a bias-free linear weight")
+        weights = plain_weights(w, min_elements=0)
+    if weights is None:
+        raise Unsupported(f"{type(src).__name__} {stacked or ''} is not kernel-shaped (K % 16, groups, layout)")
+    return weights
 
 
 class Decoder:
@@ -163,7 +161,8 @@ class Decoder:
         return x.to(self.dtype).view(1, 1, -1)
 
 
-_EXPERT_TYPES: set[type] = {Experts, QuantExperts}  # exact types: EP's local experts route differently
+# Exact types: expert parallelism's local experts route differently.
+_EXPERT_TYPES = (Experts, QuantExperts, FastExperts, FastQuantExperts)
 
 
 class FastErnie45Model(Ernie45Model):
@@ -181,9 +180,6 @@ def install(model: nn.Module) -> str | None:
     """Swap `model.model` to FastErnie45Model with a Decoder; returns why not when it cannot."""
     if not kernels.available():
         return kernels.unavailable_reason()
-    from .fast import FastExperts, FastQuantExperts
-
-    _EXPERT_TYPES.update((FastExperts, FastQuantExperts))
     trunk = model.model
     if type(trunk) not in (Ernie45Model, FastErnie45Model):
         return f"trunk is a {type(trunk).__name__}"
