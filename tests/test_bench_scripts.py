@@ -1,0 +1,43 @@
+"""bench/speed.py end to end in its --quick smoke mode: it runs and writes every result key.
+
+Timings are never asserted (bench/ owns numbers; tests own correctness). The smoke run uses the tiny
+mini-300B-A47B random checkpoint, ernie45 fp32 + int8 through the real `ernie45 bench` CLI, and
+transformers fp32, each in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_KEYS = {"decode_tok_s", "prefill_tok_s", "throughput_tok_s", "peak_rss_bytes", "greedy_tokens"}
+
+
+def test_speed_quick_writes_every_result(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "bench" / "speed.py"), "--quick", "--threads", "1",
+           "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    res = json.loads((tmp_path / "out" / "speed.json").read_text())
+    assert {"command", "machine", "params", "bandwidth", "runs", "greedy_agreement", "ratios"} <= set(res)
+    assert res["bandwidth"]["read_gb_s"] > 0
+    assert set(res["runs"]) == {"ernie45 fp32", "ernie45 int8", "transformers fp32"}
+    for label, run in res["runs"].items():
+        assert RUN_KEYS <= set(run), (label, sorted(run))
+        assert set(run["throughput_tok_s"]) == {"8", "32"}
+        assert len(run["greedy_tokens"]) == res["workload"]["new_tokens"]
+        assert run["roofline_tok_s"] > 0
+    assert {"ernie45 fp32", "ernie45 int8"} <= set(res["greedy_agreement"])
+    assert "transformers fp32" in [r["peer"] for r in res["ratios"]]
+    assert (tmp_path / "out" / "speed.md").read_text().startswith("# Decode speed")
+    assert (tmp_path / "out" / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
