@@ -10,16 +10,6 @@ for name in chromium chromium-browser google-chrome; do
     fi
 done
 
-if [ "$(id -u)" -eq 0 ]; then
-    SUDO=()
-elif command -v sudo >/dev/null 2>&1; then
-    SUDO=(sudo)
-else
-    echo "install-chromium: need root or sudo to apt-get install chromium" >&2
-    exit 1
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-"${SUDO[@]}" apt-get update -qq
-"${SUDO[@]}" apt-get install -y -qq --no-install-recommends chromium
+source "$(dirname "$0")/apt.sh"
+apt_install chromium
 echo "install-chromium: installed $(chromium --version 2>/dev/null | head -n1)"

@@ -7,15 +7,6 @@ if command -v gcc >/dev/null 2>&1; then
     echo "install-gcc: found $(gcc --version | head -n1)"
     exit 0
 fi
-if [ "$(id -u)" -eq 0 ]; then
-    SUDO=()
-elif command -v sudo >/dev/null 2>&1; then
-    SUDO=(sudo)
-else
-    echo "install-gcc: need root or sudo to apt-get install gcc" >&2
-    exit 1
-fi
-export DEBIAN_FRONTEND=noninteractive
-"${SUDO[@]}" apt-get update -qq
-"${SUDO[@]}" apt-get install -y -qq --no-install-recommends gcc libc6-dev libgomp1
+source "$(dirname "$0")/apt.sh"
+apt_install gcc libc6-dev libgomp1
 echo "install-gcc: installed $(gcc --version | head -n1)"

@@ -145,31 +145,6 @@ static int route(const model_t *m, const layer_t *L, const float *h, float *logi
     return L->topk;
 }
 
-/* y += sum_i coef[i] * expert_ids[i](h) with the bf16 rounding points of moe_token (work-shared). */
-static void experts_into(const model_t *m, const wview *gate, const wview *up, const wview *down, long wgu, long sgu,
-                         long wd, long sd, const long *ids, const float *coef, int n, const float *h, int F,
-                         float *y, float *hh, float *t, float *xp, float *xs) {
-    const int D = m->D, bf16 = m->bf16;
-    for (int i = 0; i < n; i++) {
-        wview g = at_expert(gate, ids[i], wgu, sgu), u = at_expert(up, ids[i], wgu, sgu);
-        wview d = at_expert(down, ids[i], wd, sd);
-        if (is_packed(&g)) {
-#pragma omp single
-            prep_packed(&g, h, D, xp, xs);
-        }
-#pragma omp for schedule(static)
-        for (int r = 0; r < F; r++) {
-            float a = is_packed(&g) ? dot_packed(&g, r, xp, xs, D) : dot_plain(&g, r, h, D);
-            float b = is_packed(&u) ? dot_packed(&u, r, xp, xs, D) : dot_plain(&u, r, h, D);
-            a = rnd(bf16, a), b = rnd(bf16, b);
-            hh[r] = rnd(bf16, rnd(bf16, a / (1.f + expf(-a))) * b);
-        }
-        gemv_shared(&d, hh, 1, F, D, t, xp, xs);
-#pragma omp for schedule(static)
-        for (int r = 0; r < D; r++) y[r] = rnd(bf16, y[r] + rnd(bf16, coef[i] * rnd(bf16, t[r])));
-    }
-}
-
 /* x [D] (the residual stream, values of the activation dtype) -> after every trunk layer, in place.
  * scratch floats: 6*D + 2*Nq*Dh + 2*Nkv*Dh + Nq*(pos+1) + 3*max_f + 2*max(D, max_f) + 4*64. */
 void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, const float *cs, const float *sn,
@@ -216,13 +191,14 @@ void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, 
             }
 #pragma omp single
             route(m, L, h, lg, ids, coef);
-            experts_into(m, &L->gate, &L->up, &L->down, L->w_stride_gu, L->s_stride_gu, L->w_stride_d, L->s_stride_d,
-                         ids, coef, L->topk, h, L->F, y, hh, t, xp, xs);
+            experts_into(m->bf16, &L->gate, &L->up, &L->down, L->w_stride_gu, L->s_stride_gu, L->w_stride_d,
+                         L->s_stride_d, ids, coef, L->topk, h, D, L->F, y, hh, t, xp, xs);
             if (L->shared)
-                experts_into(m, &L->sgate, &L->sup, &L->sdown, 0, 0, 0, 0, &zero_id, &one, 1, h, L->Fs, y, hh, t,
-                             xp, xs);
+                experts_into(m->bf16, &L->sgate, &L->sup, &L->sdown, 0, 0, 0, 0, &zero_id, &one, 1, h, D, L->Fs, y,
+                             hh, t, xp, xs);
         } else {
-            experts_into(m, &L->gate, &L->up, &L->down, 0, 0, 0, 0, &zero_id, &one, 1, h, L->F, y, hh, t, xp, xs);
+            experts_into(m->bf16, &L->gate, &L->up, &L->down, 0, 0, 0, 0, &zero_id, &one, 1, h, D, L->F, y, hh, t,
+                         xp, xs);
         }
 #pragma omp single
         for (int i = 0; i < D; i++) x[i] = rnd(m->bf16, x[i] + y[i]);

@@ -251,11 +251,11 @@ static wview at_expert(const wview *v, long e, long w_stride, long s_stride) {
  * the torch reference does (gate, silu, up, product, down, coef * down, each running sum), so a bf16 model
  * gets the reference's numbers up to summation order inside the dot products.
  * Scratch: h [F], xp/xs sized for max(D, F) columns. */
-void ernie45_moe_token(const wview *gate, const wview *up, const wview *down, long w_stride_gu,
-                       long s_stride_gu, long w_stride_d, long s_stride_d, const long *ids, const float *coef,
-                       int n, const float *x, int D, int F, float *y, float *h, float *t, float *xp, float *xs,
-                       int bf16, int threads) {
-#pragma omp parallel num_threads(threads)
+/* Work-shared inside a parallel region: y [D] += sum_i coef[i] * expert_ids[i](x), in the given order,
+ * with the torch modules' bf16 rounding points when bf16 != 0 (see ernie45_moe_token). */
+static void experts_into(int bf16, const wview *gate, const wview *up, const wview *down, long w_stride_gu,
+                         long s_stride_gu, long w_stride_d, long s_stride_d, const long *ids, const float *coef,
+                         int n, const float *x, int D, int F, float *y, float *h, float *t, float *xp, float *xs) {
     for (int i = 0; i < n; i++) {
         wview g = at_expert(gate, ids[i], w_stride_gu, s_stride_gu);
         wview u = at_expert(up, ids[i], w_stride_gu, s_stride_gu);
@@ -277,6 +277,15 @@ void ernie45_moe_token(const wview *gate, const wview *up, const wview *down, lo
         for (int r = 0; r < D; r++)
             y[r] = bf16 ? round_bf16(y[r] + round_bf16(coef[i] * round_bf16(t[r]))) : y[r] + coef[i] * t[r];
     }
+}
+
+void ernie45_moe_token(const wview *gate, const wview *up, const wview *down, long w_stride_gu,
+                       long s_stride_gu, long w_stride_d, long s_stride_d, const long *ids, const float *coef,
+                       int n, const float *x, int D, int F, float *y, float *h, float *t, float *xp, float *xs,
+                       int bf16, int threads) {
+#pragma omp parallel num_threads(threads)
+    experts_into(bf16, gate, up, down, w_stride_gu, s_stride_gu, w_stride_d, s_stride_d, ids, coef, n, x, D, F, y,
+                 h, t, xp, xs);
 }
 
 /* Integer screen: y[n] = s[n] * sx * sum_k q[n,k] * xq[k] with int8 weights q [N, K] (row stride ld bytes)
