@@ -111,11 +111,9 @@ static void attend_head(const model_t *m, const layer_t *L, const float *q, int 
 }
 
 /* Router for one token (moe.Router + select_experts): ids ascending, coef in the activation dtype. */
-static int route(const model_t *m, const layer_t *L, const float *h, float *logits, long *ids, float *coef) {
+static void route(const model_t *m, const layer_t *L, float *logits, long *ids, float *coef) {
     float mx = -INFINITY, sum = 0.f;
-    for (int e = 0; e < L->E; e++) {
-        mx = fmaxf(mx, logits[e]);
-    }
+    for (int e = 0; e < L->E; e++) mx = fmaxf(mx, logits[e]);
     for (int e = 0; e < L->E; e++) sum += (logits[e] = expf(logits[e] - mx));
     for (int e = 0; e < L->E; e++) logits[e] /= sum;  /* probabilities */
     int chosen[64];
@@ -141,8 +139,6 @@ static int route(const model_t *m, const layer_t *L, const float *h, float *logi
         ids[t] = chosen[t];
         coef[t] = rnd(m->bf16, logits[chosen[t]] / total);
     }
-    (void)h;
-    return L->topk;
 }
 
 /* x [D] (the residual stream, values of the activation dtype) -> after every trunk layer, in place.
@@ -190,7 +186,7 @@ void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, 
                 lg[e] = d;
             }
 #pragma omp single
-            route(m, L, h, lg, ids, coef);
+            route(m, L, lg, ids, coef);
             experts_into(m->bf16, &L->gate, &L->up, &L->down, L->w_stride_gu, L->s_stride_gu, L->w_stride_d,
                          L->s_stride_d, ids, coef, L->topk, h, D, L->F, y, hh, t, xp, xs);
             if (L->shared)
