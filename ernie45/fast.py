@@ -117,10 +117,8 @@ class FastQuantLinear(QuantLinear):
 
 
 class _FastGrouped:
-    """`grouped` for stacked experts: one kernel call for a single token, kernels per expert for few rows."""
-
-    def _stack(self) -> tuple[kernels.Weights | None, ...]:
-        raise NotImplementedError
+    """`grouped` for stacked experts: one kernel call for the pairs of a decode step. Subclasses give
+    `_stack()`: the (gate, up, down) kernel weights, None where the kernels cannot take one."""
 
     def grouped(self, x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Sum over pairs [P] of weight * E_expert(x[token]) -> [T, D]; `Experts.grouped`'s contract."""
