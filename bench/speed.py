@@ -236,12 +236,26 @@ def ratios(runs: dict) -> list[dict]:
     return out
 
 
+# Vector extensions that decide which kernels run (ours are AVX2/FMA; llama.cpp builds for the host CPU).
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def cpu_info() -> tuple[str, str | None, list[str]]:
+    """(model name, 'family F model M', the CPU_FEATURES present) from /proc/cpuinfo."""
+    fields: dict[str, str] = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    family = f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else None
+    return fields.get("model name", platform.processor()), family, [f for f in CPU_FEATURES if f in flags]
+
+
 def machine(args: argparse.Namespace) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu, family, features = cpu_info()
     mem = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                 if line.startswith("MemTotal")), None)
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": mem, "threads": args.threads,
+    return {"cpu": cpu, "cpu_family": family, "cpu_features": features, "cores": os.cpu_count(), "ram_bytes": mem, "threads": args.threads,
             "torch": metadata.version("torch"), "transformers": metadata.version("transformers"),
             "python": platform.python_version(), "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
 

@@ -51,7 +51,8 @@ RATIO_HEADER = ("| ernie45 | peer | decode | target | met | prefill | throughput
 def _context(res: dict) -> list[str]:
     m, bw, p = res["machine"], res["bandwidth"], res["params"]
     ram = _f(m["ram_bytes"] and m["ram_bytes"] / 2**30, ".0f")
-    machine = (f"Machine: {m['cpu']}, {m['cores']} cores, {ram} GiB RAM; {m['threads']} threads for every system; "
+    cpu = m["cpu"] + (f" ({m['cpu_family']}; {', '.join(m['cpu_features'])})" if m.get("cpu_features") else "")
+    machine = (f"Machine: {cpu}, {m['cores']} cores, {ram} GiB RAM; {m['threads']} threads for every system; "
                f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}. Load average "
                f"{m['loadavg_start']} at start, {m['loadavg_end']} at end (the machine is shared: other work "
                "competes for the same cores and memory bus).")
