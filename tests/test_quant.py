@@ -147,6 +147,16 @@ def test_kernel_routes_are_taken_where_expected():
     assert odd.route(x_small[:, :96]) == "fp32"
 
 
+@pytest.mark.parametrize("in_features", [56, 72])  # the mini-300B expert width 56 crashed the aten kernel
+def test_int8_in_features_the_aten_kernel_mishandles_take_the_fp32_route(in_features):
+    layer = QuantLinear.from_quantized(quantize_rtn(torch.randn(32, in_features) * 0.05, FORMATS["int8"]))
+    x = torch.randn(4, in_features)  # several rows: _weight_int8pack_mm segfaulted here on AVX-512 CPUs
+    assert layer.route(x) == "fp32"
+    layer_ref = copy.deepcopy(layer)
+    layer_ref.path = "reference"
+    assert torch.allclose(layer(x), layer_ref(x), atol=1e-5)
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4", "int2"])
 def test_quant_experts_match_dequantized_experts(fmt):
     model = tiny_model()

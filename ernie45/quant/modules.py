@@ -40,6 +40,7 @@ from .formats import QuantizedWeight, dequantize, get_format, group_size_for, st
 
 # Rows up to which the bf16 weight-only kernels beat dequantize + fp32 GEMM (measured, module docstring).
 KERNEL_MAX_ROWS = {"int8": 128, "int4": 256}
+INT8_KERNEL_K_ALIGN = 16  # in features _weight_int8pack_mm takes safely on every CPU seen (see kernel())
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu accepts
 PATHS = ("auto", "reference")
 
@@ -88,7 +89,9 @@ class QuantWeight(nn.Module):
     def kernel(self) -> str | None:
         """The CPU weight-only kernel this weight can use, if any (shape rules of the aten kernels)."""
         K, N, g = self.in_features, self.out_features, self.group_size
-        if self.fmt.name == "int8" and K % 8 == 0:  # the int8 kernel crashes for K not a multiple of 8
+        # The int8 kernel crashes (SIGSEGV) for K not a multiple of 8 (Zen 1), and on AVX-512 CPUs (Zen 4)
+        # for K not a multiple of 16 with more than one row: INT8_KERNEL_K_ALIGN covers both.
+        if self.fmt.name == "int8" and K % INT8_KERNEL_K_ALIGN == 0:
             return "int8"
         if self.fmt.name in ("int4", "int2") and N % 16 == 0 and g in INT4_KERNEL_GROUPS and K % g == 0:
             return "int4"  # int2 codes are widened to int4 codes (module docstring)
