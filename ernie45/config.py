@@ -201,6 +201,8 @@ def _parse(raw: dict) -> ModelConfig:
         rope_theta=_rope_theta(raw),
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
     )
+    # transformers >= 5.25 writes `"num_nextn_predict_layers": null` (it ignores MTP): no MTP layer.
+    kw["num_nextn_predict_layers"] = int(raw.get("num_nextn_predict_layers") or 0)
     eos = raw.get("eos_token_id", 2)
     kw["eos_token_id"] = tuple(eos) if isinstance(eos, list) else eos
     if model_type == "ernie4_5_moe":

@@ -42,6 +42,10 @@ def test_sentinels_resolved_once():
     cfg = ModelConfig.from_dict(_moe_raw(moe_layer_interval=2, moe_layer_start_index=0, moe_layer_end_index=4))
     assert cfg.moe_layers == (False, True, False, True, False, False)
 
+    # transformers 5.25's save_pretrained writes null for the MTP depth it ignores: no MTP layer
+    assert ModelConfig.from_dict(_moe_raw(num_nextn_predict_layers=None)).num_nextn_predict_layers == 0
+    assert ModelConfig.from_dict(_moe_raw(num_nextn_predict_layers=1)).num_nextn_predict_layers == 1
+
 
 def test_rope_theta_from_either_key():
     assert ModelConfig.from_dict(_moe_raw(rope_theta=10000.0)).rope_theta == 10000.0
