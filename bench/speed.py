@@ -255,7 +255,8 @@ def machine(args: argparse.Namespace) -> dict:
     cpu, family, features = cpu_info()
     mem = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                 if line.startswith("MemTotal")), None)
-    return {"cpu": cpu, "cpu_family": family, "cpu_features": features, "cores": os.cpu_count(), "ram_bytes": mem, "threads": args.threads,
+    return {"cpu": cpu, "cpu_family": family, "cpu_features": features, "cores": os.cpu_count(), "ram_bytes": mem,
+            "threads": args.threads,
             "torch": metadata.version("torch"), "transformers": metadata.version("transformers"),
             "python": platform.python_version(), "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
 
