@@ -3,8 +3,9 @@
 Why: a decode step reads every active weight once, so its speed is memory bandwidth. torch's CPU GEMV
 is fine for fp32, but without native bf16 its bf16 GEMV is compute-bound (field-notes: ~5.5 G weights/s)
 and its weight-only int8/int4 kernels want bf16 activations; a loop over experts also costs many small
-torch calls per token. gemv.c reads bf16/int8/int4/int2 weights directly with fp32 activations and runs
-a token's selected experts in one call.
+torch calls per token. gemv.c reads bf16 weights with fp32 activations, int8/int4/int2 codes with
+activations rounded to int16 per block (integer dot products, errors ~2^-16 of a block's largest value,
+exact for bf16 values near it: gemv.c's header), and runs a token's selected experts in one call.
 
 Build: `gcc -O3 -mavx2 -mfma -ffp-contract=off -fopenmp -shared decode.c` (which includes gemv.c) into `$ERNIE45_KERNEL_CACHE` (default
 `~/.cache/ernie45/kernels`), keyed by the source's hash; the library links `libgomp.so.1`, which resolves
@@ -129,6 +130,11 @@ class Weights:
     def packed(self) -> bool:
         return self.kind >= 3
 
+    @property
+    def integer(self) -> bool:
+        """int8/int4/int2: dot products in integers on int16-rounded activations (gemv.c's header)."""
+        return self.kind >= 2
+
     def expert_strides(self) -> tuple[int, int]:
         """(bytes, scale elements) between consecutive stacked experts."""
         w = self.data.stride(0) * self.data.element_size()
@@ -137,13 +143,36 @@ class Weights:
 
 
 def supports(kind, in_features: int, group: int = 0) -> bool:
-    """Whether the kernels take this weight: K a multiple of 32; packed groups whole 8-byte chunks."""
+    """Whether the kernels take this weight: K a multiple of 16; packed groups whole 16-byte chunks."""
     if kind not in KINDS or in_features % K_ALIGN:
         return False
     if KINDS[kind] >= 3:
-        chunk = 16 if KINDS[kind] == 3 else 32
+        chunk = 32 if KINDS[kind] == 3 else 64  # codes in 16 bytes
         return group > 0 and group % chunk == 0 and in_features % group == 0
     return True
+
+
+ACT_BLOCK = 64  # gemv.c's ACT_BLOCK: columns per activation step for int8 weights
+
+
+def activation_block(w: Weights) -> int:
+    """Columns that share one int16 step when x meets these (integer-kind) weights."""
+    return ACT_BLOCK if w.kind == KINDS["int8"] else w.group
+
+
+def round_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The integer kernels' rounding of activation rows x [M, K], in torch (the reference gemv.c is
+    tested against): per block of `block` columns, max |x| = f * 2^e (0.5 <= f < 1) gives the step
+    2^(e - 15); x / step is rounded half to even and saturated to [-32768, 32767]; blocks whose max is
+    below 2^-100 become zero. Returns the rounded values (fp32, [M, K])."""
+    x = x.float()
+    M, K = x.shape
+    nb = -(-K // block)
+    xb = torch.nn.functional.pad(x, (0, nb * block - K)).view(M, nb, block)
+    mx = xb.abs().amax(-1, keepdim=True)
+    step = torch.ldexp(torch.ones_like(mx), torch.frexp(mx).exponent - 15)
+    out = torch.round(xb / step).clamp(-32768, 32767) * step
+    return torch.where(mx < 2.0 ** -100, torch.zeros_like(out), out).view(M, -1)[:, :K]
 
 
 _NO_SCRATCH = torch.empty(1)  # plain kinds never touch the scratch arguments
@@ -167,8 +196,7 @@ def gemv(w: Weights, x: torch.Tensor) -> torch.Tensor:
     if M > MAX_ROWS:
         raise ValueError(f"gemv takes at most {MAX_ROWS} activation rows, got {M}; use a GEMM")
     y = torch.empty(M, w.out_features)
-    xp, xs = (torch.empty(M * w.in_features), torch.empty(M * (w.in_features // w.group))) if w.packed \
-        else (_NO_SCRATCH, _NO_SCRATCH)
+    xp, xs = (torch.empty(M * K), torch.empty(M * K)) if w.integer else (_NO_SCRATCH, _NO_SCRATCH)
     _require().ernie45_gemv(ctypes.byref(w.view), _ptr(x), M, K, w.out_features, _ptr(y), _ptr(xp), _ptr(xs),
                       torch.get_num_threads())
     return y
@@ -185,7 +213,7 @@ def moe_token(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, coef
     D, F = x.shape[-1], gate.out_features
     h, t = torch.empty(F), torch.empty(D)
     width = max(D, F)
-    xp, xs = torch.empty(width), torch.empty(width // max(min(gate.group or 1, down.group or 1), 1))
+    xp, xs = torch.empty(width), torch.empty(width)
     wgu, sgu = gate.expert_strides()
     wd, sd = down.expert_strides()
     _require().ernie45_moe_token(ctypes.byref(gate.view), ctypes.byref(up.view), ctypes.byref(down.view),

@@ -77,11 +77,18 @@ static void rope(const model_t *m, float *t, int heads, const float *cs, const f
     }
 }
 
-/* Work-shared: y = rnd(W x) over the rows of v. */
-static void linear(const model_t *m, const wview *v, const float *x, int K, int N, float *y, float *xp, float *xs) {
-    gemv_shared(v, x, 1, K, N, y, xp, xs);
+/* Work-shared: y = rnd(W x) over the rows of v, x already prepared for v's format (prep_act). */
+static void linear_rows(const model_t *m, const wview *v, const float *x, int K, int N, float *y, float *xp,
+                        float *xs) {
+    rows_of(v, x, 1, K, N, y, xp, xs);
 #pragma omp for schedule(static)
     for (int n = 0; n < N; n++) y[n] = rnd(m->bf16, y[n]);
+}
+
+/* Work-shared: y = rnd(W x) over the rows of v. */
+static void linear(const model_t *m, const wview *v, const float *x, int K, int N, float *y, float *xp, float *xs) {
+    prep_act(v, x, 1, K, xp, xs);
+    linear_rows(m, v, x, K, N, y, xp, xs);
 }
 
 /* Attention of query head j over positions 0..pos for one layer (called per head, work-shared). */
@@ -157,9 +164,11 @@ void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, 
         const layer_t *L = &layers[l];
 #pragma omp single
         rms_norm(m, L->in_norm, x, h);
-        linear(m, &L->q, h, D, qd, q, xp, xs);
-        linear(m, &L->k, h, D, kd, k, xp, xs);
-        linear(m, &L->v, h, D, kd, v, xp, xs);
+        linear(m, &L->q, h, D, qd, q, xp, xs);  /* k and v reuse h's prepared row when they can */
+        if (!same_act(&L->q, &L->k)) prep_act(&L->k, h, 1, D, xp, xs);
+        linear_rows(m, &L->k, h, D, kd, k, xp, xs);
+        if (!same_act(&L->k, &L->v)) prep_act(&L->v, h, 1, D, xp, xs);
+        linear_rows(m, &L->v, h, D, kd, v, xp, xs);
 #pragma omp single
         {
             rope(m, q, m->Nq, cs, sn);
