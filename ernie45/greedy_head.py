@@ -44,24 +44,27 @@ class GreedyHead:
         self.abs_q = self.q.abs().sum(1, dtype=torch.int32).float()  # [V] sum_k |q_rk|
         self.full_heads = 0  # rows that fell back to the whole head (diagnostics)
 
-    def approx(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [D] fp32 -> (approximate logits [V], their error bound [V])."""
-        bound = self.scale * (0.5 * x.abs().sum())
+    def screen(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """x [D] fp32 -> (approximate logits a [V], their error bound b [V], max(a - b)).
+
+        b includes the fp32 slack and, for a bf16 head, the reference's rounding of each logit."""
+        slack = FP32_SLACK + (torch.finfo(self.weight.dtype).eps if self.weight.dtype != torch.float32 else 0.0)
+        l1_half = 0.5 * float(x.abs().sum())
         if not self.integer:
-            return F.linear(x, self.q.float()) * self.scale, bound
+            a = F.linear(x, self.q.float()) * self.scale
+            bound = self.scale * l1_half
+            bound = bound + slack * (a.abs() + bound)
+            return a, bound, float((a - bound).max())
         sx = float(x.abs().max()) / 127 or 1.0
         xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
-        return kernels.gemv_i8i8(self.q, self.scale, xq, sx), bound + self.scale * self.abs_q * (0.5 * sx)
+        return kernels.head_screen(self.q, self.scale, self.abs_q, xq, sx, l1_half, slack)  # one pass in C
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, D] (normed hidden, model dtype) -> token ids [R] (int64)."""
         x32 = x.float()
-        slack = FP32_SLACK + (torch.finfo(self.weight.dtype).eps if self.weight.dtype != torch.float32 else 0.0)
         out = torch.empty(x.shape[0], dtype=torch.long)
         for r in range(x.shape[0]):
-            a, bound = self.approx(x32[r])  # [V] each
-            bound = bound + slack * (a.abs() + bound)  # fp32 rounding; a bf16 reference rounds each logit
-            floor = (a - bound).max()
+            a, bound, floor = self.screen(x32[r])  # [V], [V], the lowest value the winner can have
             cand = torch.nonzero(a + bound >= floor).flatten()  # ascending row ids
             if cand.numel() > MAX_CANDIDATES:
                 self.full_heads += 1

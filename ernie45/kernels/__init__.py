@@ -75,7 +75,7 @@ def _build() -> ctypes.CDLL:
     handle.ernie45_gemv.restype = None
     handle.ernie45_moe_token.restype = None
     handle.ernie45_decode.restype = None
-    handle.ernie45_gemv_i8i8.restype = None
+    handle.ernie45_head_screen.restype = ctypes.c_float
     handle.ernie45_moe_tokens.restype = None
     return handle
 
@@ -211,14 +211,14 @@ def moe_token(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, coef
     x = x.float().contiguous()
     ids, coef = ids.to(torch.long).contiguous(), coef.float().contiguous()
     D, F = x.shape[-1], gate.out_features
-    h, t = torch.empty(F), torch.empty(D)
+    h = torch.empty(F)
     width = max(D, F)
     xp, xs = torch.empty(width), torch.empty(width)
     wgu, sgu = gate.expert_strides()
     wd, sd = down.expert_strides()
     _require().ernie45_moe_token(ctypes.byref(gate.view), ctypes.byref(up.view), ctypes.byref(down.view),
                            ctypes.c_long(wgu), ctypes.c_long(sgu), ctypes.c_long(wd), ctypes.c_long(sd),
-                           _ptr(ids), _ptr(coef), int(ids.numel()), _ptr(x), D, F, _ptr(y), _ptr(h), _ptr(t),
+                           _ptr(ids), _ptr(coef), int(ids.numel()), _ptr(x), D, F, _ptr(y), _ptr(h),
                            _ptr(xp), _ptr(xs), int(bf16), torch.get_num_threads())
     return y
 
@@ -230,13 +230,17 @@ def decode(model_t, layers, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: t
                               torch.get_num_threads())
 
 
-def gemv_i8i8(q: torch.Tensor, scale: torch.Tensor, xq: torch.Tensor, sx: float) -> torch.Tensor:
-    """int8 rows q [N, K] (scale [N] fp32) . int8 vector xq [K] (scale sx) -> fp32 [N]; K % 32 == 0."""
+def head_screen(q: torch.Tensor, scale: torch.Tensor, abs_q: torch.Tensor, xq: torch.Tensor, sx: float,
+                l1_half: float, slack: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Screened logits of an int8 head q [N, K] (scale [N], sum |q| per row abs_q [N]) for the int8
+    activation xq [K] (scale sx): (a [N], bound b [N], max(a - b)) as gemv.c's ernie45_head_screen
+    defines them (l1_half = ||x||_1 / 2; slack: relative fp32 slack). K % 32 == 0."""
     N, K = q.shape
-    y = torch.empty(N)
-    _require().ernie45_gemv_i8i8(_ptr(q), ctypes.c_long(q.stride(0)), _ptr(scale), _ptr(xq), ctypes.c_float(sx),
-                                 K, N, _ptr(y), torch.get_num_threads())
-    return y
+    a, b = torch.empty(N), torch.empty(N)
+    floor = _require().ernie45_head_screen(_ptr(q), ctypes.c_long(q.stride(0)), _ptr(scale), _ptr(abs_q), _ptr(xq),
+                                           ctypes.c_float(sx), ctypes.c_float(l1_half), ctypes.c_float(sx / 2),
+                                           ctypes.c_float(slack), K, N, _ptr(a), _ptr(b), torch.get_num_threads())
+    return a, b, float(floor)
 
 
 def moe_tokens(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, tok: torch.Tensor, coef: torch.Tensor,

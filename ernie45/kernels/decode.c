@@ -77,18 +77,47 @@ static void rope(const model_t *m, float *t, int heads, const float *cs, const f
     }
 }
 
-/* Work-shared: y = rnd(W x) over the rows of v, x already prepared for v's format (prep_act). */
-static void linear_rows(const model_t *m, const wview *v, const float *x, int K, int N, float *y, float *xp,
-                        float *xs) {
-    rows_of(v, x, 1, K, N, y, xp, xs);
-#pragma omp for schedule(static)
-    for (int n = 0; n < N; n++) y[n] = rnd(m->bf16, y[n]);
-}
-
 /* Work-shared: y = rnd(W x) over the rows of v. */
 static void linear(const model_t *m, const wview *v, const float *x, int K, int N, float *y, float *xp, float *xs) {
     prep_act(v, x, 1, K, xp, xs);
-    linear_rows(m, v, x, K, N, y, xp, xs);
+    rows_one(v, x, K, N, y, xp, xs, m->bf16);
+}
+
+/* Work-shared: q, k, v = rnd(W h) into consecutive outputs (q [qd], k and v [kd] follow in scratch): one
+ * loop over all their rows when they can share h's prepared row, else one linear each. */
+static void qkv(const model_t *m, const layer_t *L, const float *h, float *q, float *xp, float *xs) {
+    const int D = m->D, qd = m->Nq * m->Dh, kd = m->Nkv * m->Dh;
+    if (!same_act(&L->q, &L->k) || !same_act(&L->k, &L->v)) {
+        linear(m, &L->q, h, D, qd, q, xp, xs);
+        linear(m, &L->k, h, D, kd, q + qd, xp, xs);
+        linear(m, &L->v, h, D, kd, q + qd + kd, xp, xs);
+        return;
+    }
+    prep_act(&L->q, h, 1, D, xp, xs);
+#pragma omp for schedule(static)
+    for (int n = 0; n < qd + 2 * kd; n++) {
+        const wview *w = n < qd ? &L->q : n < qd + kd ? &L->k : &L->v;
+        const long r = n < qd ? n : n < qd + kd ? n - qd : n - qd - kd;
+        float o;
+        rows_at(w, r, 1, h, xp, xs, D, &o);
+        q[n] = rnd(m->bf16, o);
+    }
+}
+
+/* sum_i a[i] * b[i], b in the activation dtype (fp32 or raw bf16); 8 lanes, then the tail. */
+static float dot_act(int bf16, const float *a, const void *b, long off, int n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 b0 = bf16 ? load_bf16x8((const uint16_t *)b + off + i) : _mm256_loadu_ps((const float *)b + off + i);
+        const __m256 b1 = bf16 ? load_bf16x8((const uint16_t *)b + off + i + 8)
+                               : _mm256_loadu_ps((const float *)b + off + i + 8);
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), b0, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), b1, acc1);
+    }
+    float d = hsum8(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++) d += a[i] * load_act(bf16, b, off + i);
+    return d;
 }
 
 /* Attention of query head j over positions 0..pos for one layer (called per head, work-shared). */
@@ -98,9 +127,7 @@ static void attend_head(const model_t *m, const layer_t *L, const float *q, int 
     const float *qj = q + (long)j * Dh;
     float mx = -INFINITY;
     for (int s = 0; s <= pos; s++) {
-        const long base = ((long)s * m->Nkv + kvh) * Dh;
-        float d = 0.f;
-        for (int i = 0; i < Dh; i++) d += qj[i] * load_act(m->bf16, L->kcache, base + i);
+        float d = dot_act(m->bf16, qj, L->kcache, ((long)s * m->Nkv + kvh) * Dh, Dh);
         d = rnd(m->bf16, rnd(m->bf16, d) * scale);
         sc[s] = d;
         if (d > mx) mx = d;
@@ -110,9 +137,16 @@ static void attend_head(const model_t *m, const layer_t *L, const float *q, int 
     for (int s = 0; s <= pos; s++) sc[s] = rnd(m->bf16, sc[s] / sum);
     float *oj = out + (long)j * Dh;
     for (int i = 0; i < Dh; i++) oj[i] = 0.f;
-    for (int s = 0; s <= pos; s++) {
+    for (int s = 0; s <= pos; s++) {  /* oj += p_s * v_s: independent lanes, the same order per element */
         const long base = ((long)s * m->Nkv + kvh) * Dh;
-        for (int i = 0; i < Dh; i++) oj[i] += sc[s] * load_act(m->bf16, L->vcache, base + i);
+        const __m256 p = _mm256_set1_ps(sc[s]);
+        int i = 0;
+        for (; i + 8 <= Dh; i += 8) {
+            const __m256 v = m->bf16 ? load_bf16x8((const uint16_t *)L->vcache + base + i)
+                                     : _mm256_loadu_ps((const float *)L->vcache + base + i);
+            _mm256_storeu_ps(oj + i, _mm256_add_ps(_mm256_loadu_ps(oj + i), _mm256_mul_ps(p, v)));
+        }
+        for (; i < Dh; i++) oj[i] += sc[s] * load_act(m->bf16, L->vcache, base + i);
     }
     for (int i = 0; i < Dh; i++) oj[i] = rnd(m->bf16, oj[i]);
 }
@@ -149,12 +183,12 @@ static void route(const model_t *m, const layer_t *L, float *logits, long *ids, 
 }
 
 /* x [D] (the residual stream, values of the activation dtype) -> after every trunk layer, in place.
- * scratch floats: 6*D + 2*Nq*Dh + 2*Nkv*Dh + Nq*(pos+1) + 3*max_f + 2*max(D, max_f) + 4*64. */
+ * scratch floats: 6*D + 2*Nq*Dh + 2*Nkv*Dh + Nq*(pos+1) + max_f + 2*max(D, max_f) + 4*64. */
 void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, const float *cs, const float *sn,
                     float *scratch, int threads) {
     const int D = m->D, qd = m->Nq * m->Dh, kd = m->Nkv * m->Dh, W = D > m->max_f ? D : m->max_f;
     float *h = scratch, *q = h + D, *k = q + qd, *v = k + kd, *att = v + kd, *o = att + qd, *y = o + D;
-    float *hh = y + D, *t = hh + m->max_f, *xp = t + W, *xs = xp + W, *lg = xs + W, *coef = lg + 64;
+    float *hh = y + D, *xp = hh + m->max_f, *xs = xp + W, *lg = xs + W, *coef = lg + 64;
     long *ids = (long *)(coef + 64);  /* 64 longs = 128 floats of room */
     float *sc = (float *)(ids + 64);
     const float one = 1.f;
@@ -164,11 +198,7 @@ void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, 
         const layer_t *L = &layers[l];
 #pragma omp single
         rms_norm(m, L->in_norm, x, h);
-        linear(m, &L->q, h, D, qd, q, xp, xs);  /* k and v reuse h's prepared row when they can */
-        if (!same_act(&L->q, &L->k)) prep_act(&L->k, h, 1, D, xp, xs);
-        linear_rows(m, &L->k, h, D, kd, k, xp, xs);
-        if (!same_act(&L->k, &L->v)) prep_act(&L->v, h, 1, D, xp, xs);
-        linear_rows(m, &L->v, h, D, kd, v, xp, xs);
+        qkv(m, L, h, q, xp, xs);  /* k = q + qd, v = k + kd */
 #pragma omp single
         {
             rope(m, q, m->Nq, cs, sn);
@@ -189,20 +219,16 @@ void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, 
         }
         if (L->moe) {
 #pragma omp for schedule(static)
-            for (int e = 0; e < L->E; e++) {
-                float d = 0.f;
-                for (int i = 0; i < D; i++) d += L->router[(long)e * D + i] * h[i];
-                lg[e] = d;
-            }
+            for (int e = 0; e < L->E; e++) lg[e] = dot_act(0, h, L->router, (long)e * D, D);
 #pragma omp single
             route(m, L, lg, ids, coef);
             experts_into(m->bf16, &L->gate, &L->up, &L->down, L->w_stride_gu, L->s_stride_gu, L->w_stride_d,
-                         L->s_stride_d, ids, coef, L->topk, h, D, L->F, y, hh, t, xp, xs);
+                         L->s_stride_d, ids, coef, L->topk, h, D, L->F, y, hh, xp, xs);
             if (L->shared)
                 experts_into(m->bf16, &L->sgate, &L->sup, &L->sdown, 0, 0, 0, 0, &zero_id, &one, 1, h, D, L->Fs, y,
-                             hh, t, xp, xs);
+                             hh, xp, xs);
         } else {
-            experts_into(m->bf16, &L->gate, &L->up, &L->down, 0, 0, 0, 0, &zero_id, &one, 1, h, D, L->F, y, hh, t,
+            experts_into(m->bf16, &L->gate, &L->up, &L->down, 0, 0, 0, 0, &zero_id, &one, 1, h, D, L->F, y, hh,
                          xp, xs);
         }
 #pragma omp single

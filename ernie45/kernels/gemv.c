@@ -134,6 +134,8 @@ static void dot4_rows(const wview *v, long n, const float *x, int M, int K, int 
 #define ACT_BLOCK 64  /* columns per int16 activation step for int8 weights (header) */
 
 static inline int is_int(const wview *v) { return v->kind >= 2; }
+/* int4 with whole 32-byte chunks per group: the byte-split path (dot_q4_split) */
+static inline int split_q4(const wview *v) { return v->kind == 3 && v->group % 64 == 0; }
 static inline int act_block(const wview *v) { return v->kind == 2 ? ACT_BLOCK : v->group; }
 static inline int act_blocks(const wview *v, int K) { return is_int(v) ? (K + act_block(v) - 1) / act_block(v) : 0; }
 
@@ -164,30 +166,45 @@ static float quant_block(const float *x, int n, int16_t *out) {
     return ldexpf(1.f, e - 15);
 }
 
-/* Work-shared: the integer activations of M rows x [M, K] for weights like v: xi [M, K] int16 (permuted
- * per 16-byte chunk for packed kinds, header) and per row 2 * act_blocks floats in xs: the steps, then
- * (packed kinds) each group's sum of x. Ends in the work-sharing loop's barrier. */
-static void prep_int(const wview *v, const float *x, int M, int K, int16_t *xi, float *xs) {
-    const int B = act_block(v), nb = act_blocks(v, K), per = v->kind == 3 ? 2 : 4;
-#pragma omp for schedule(static)
-    for (int t = 0; t < M * nb; t++) {
-        const int m = t / nb, b = t % nb, k0 = b * B, n = K - k0 < B ? K - k0 : B;
-        const float *xr = x + (long)m * K + k0;
-        float *st = xs + (long)m * 2 * nb;
-        int16_t *out = xi + (long)m * K + k0;
-        if (v->kind == 2) {
-            st[b] = quant_block(xr, n, out);
-            continue;
-        }
-        int16_t tmp[n];
-        st[b] = quant_block(xr, n, tmp);
+/* Block b of one activation row xr [K] for weights like v, into that row's xi [K] int16 (int4: its bytes,
+ * int2: permuted; see the header) and its 2 * act_blocks stats st (steps, then group sums of x). */
+static void prep_block(const wview *v, const float *xr, int K, int b, int16_t *xi, float *st) {
+    const int B = act_block(v), nb = act_blocks(v, K), k0 = b * B, n = K - k0 < B ? K - k0 : B;
+    if (v->kind == 2) {
+        st[b] = quant_block(xr + k0, n, xi + k0);
+        return;
+    }
+    int16_t tmp[n];
+    st[b] = quant_block(xr + k0, n, tmp);
+    if (split_q4(v)) {  /* bytes of the int16 values: high (signed) in the row's first K, low after */
+        int8_t *hi = (int8_t *)xi + k0;
+        uint8_t *lo = (uint8_t *)xi + K + k0;
+        for (int c = 0; c < n / 64; c++)
+            for (int i = 0; i < 32; i++)
+                for (int j = 0; j < 2; j++) {
+                    const int16_t t = tmp[c * 64 + 2 * i + j];
+                    hi[c * 64 + j * 32 + i] = (int8_t)(t >> 8);
+                    lo[c * 64 + j * 32 + i] = (uint8_t)(t & 0xff);
+                }
+    } else {  /* 16-byte chunks of 16 * per codes */
+        const int per = v->kind == 3 ? 2 : 4;
+        int16_t *out = xi + k0;
         for (int c = 0; c < n / (16 * per); c++)
             for (int i = 0; i < 16; i++)
                 for (int j = 0; j < per; j++) out[c * 16 * per + j * 16 + i] = tmp[c * 16 * per + i * per + j];
-        float sum = 0.f;
-        for (int k = 0; k < n; k++) sum += xr[k];
-        st[nb + b] = sum;
     }
+    float sum = 0.f;
+    for (int k = 0; k < n; k++) sum += xr[k0 + k];
+    st[nb + b] = sum;
+}
+
+/* Work-shared: the integer activations of M rows x [M, K] for weights like v: per row, xi [K] int16 and
+ * 2 * act_blocks floats of xs (prep_block). Ends in the work-sharing loop's barrier. */
+static void prep_int(const wview *v, const float *x, int M, int K, int16_t *xi, float *xs) {
+    const int nb = act_blocks(v, K);
+#pragma omp for schedule(static)
+    for (int t = 0; t < M * nb; t++)
+        prep_block(v, x + (long)(t / nb) * K, K, t % nb, xi + (long)(t / nb) * K, xs + (long)(t / nb) * 2 * nb);
 }
 
 /* s[n] * sum_b sx_b * (q_n . xi)_b for int8 row n; sx: the row's block steps. */
@@ -214,6 +231,19 @@ static float dot_i8(const wview *v, long n, const int16_t *xi, const float *sx, 
     return hsum8(tot) * v->s[n];
 }
 
+/* sum_g (z_g - mid * s_g) * xsum_g: the zero points' share of a packed row's dot product, 8 groups a step. */
+static inline float group_offset(const float *s, const float *z, const float *xsum, int groups, float mid) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256 vm = _mm256_set1_ps(mid);
+    int g = 0;
+    for (; g + 8 <= groups; g += 8)
+        acc = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(z + g), _mm256_mul_ps(vm, _mm256_loadu_ps(s + g))),
+                              _mm256_loadu_ps(xsum + g), acc);
+    float o = hsum8(acc);
+    for (; g < groups; g++) o += (z[g] - mid * s[g]) * xsum[g];
+    return o;
+}
+
 /* dot(x, row n) for int4/int2 from the prepared row: xi (permuted int16), sx (steps = one per group),
  * xsum (group sums of x). */
 static inline float dot_packed_bits(const wview *v, long n, const int16_t *xi, const float *sx, const float *xsum,
@@ -224,7 +254,6 @@ static inline float dot_packed_bits(const wview *v, long n, const int16_t *xi, c
     const float *s = v->s + n * v->sld, *z = v->z + n * v->sld;
     const int chunks = v->group / (16 * per), groups = K / v->group;
     __m256 total = _mm256_setzero_ps();
-    float offset = 0.f;
     for (int g = 0; g < groups; g++) {
         __m256i a0 = _mm256_setzero_si256(), a1 = a0;
         for (int c = 0; c < chunks; c++) {
@@ -242,13 +271,48 @@ static inline float dot_packed_bits(const wview *v, long n, const int16_t *xi, c
             }
         }
         total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)), _mm256_set1_ps(s[g] * sx[g]), total);
-        offset += (z[g] - mid * s[g]) * xsum[g];
     }
-    return hsum8(total) + offset;
+    return hsum8(total) + group_offset(s, z, xsum, groups, (float)mid);
+}
+
+/* int4 (group % 64 == 0) from the int16 row split into bytes, x = 256 * hi + lo (hi signed, lo unsigned),
+ * each permuted per 32-byte chunk as [codes of the low nibbles, of the high nibbles]: q . x =
+ * 256 * (q . hi) + (q . lo), both with vpmaddubsw (u8 x s8 pairs: 2*15*128 and 2*255*15 fit int16, and
+ * two chunks' sums still do), widened once per two chunks: ~2/3 of the integer work of dot_packed_bits. */
+static float dot_q4_split(const wview *v, long n, const int16_t *xi, const float *sx, const float *xsum, int K) {
+    const __m256i mask = _mm256_set1_epi8(0x0f), w256 = _mm256_set1_epi16(256), ones = _mm256_set1_epi16(1);
+    const uint8_t *row = (const uint8_t *)v->w + n * v->ld;
+    const int8_t *xh = (const int8_t *)xi;
+    const uint8_t *xl = (const uint8_t *)xi + K;
+    const float *s = v->s + n * v->sld, *z = v->z + n * v->sld;
+    const int chunks = v->group / 64, groups = K / v->group;
+    __m256 total = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i acc = _mm256_setzero_si256();
+        for (int c0 = 0; c0 < chunks; c0 += 2) {
+            __m256i A = _mm256_setzero_si256(), B = A;  /* int16 sums against hi / lo bytes */
+            for (int c = c0; c < c0 + 2 && c < chunks; c++) {
+                const long chunk = (long)g * chunks + c;
+                if (!(chunk & 1)) prefetch_ahead(row + chunk * 32);  /* one 64-byte line per 2 chunks */
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(row + chunk * 32));
+                const __m256i q0 = _mm256_and_si256(b, mask), q1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+                const int8_t *h = xh + chunk * 64;
+                const uint8_t *l = xl + chunk * 64;
+                A = _mm256_add_epi16(A, _mm256_maddubs_epi16(q0, _mm256_loadu_si256((const __m256i *)h)));
+                A = _mm256_add_epi16(A, _mm256_maddubs_epi16(q1, _mm256_loadu_si256((const __m256i *)(h + 32))));
+                B = _mm256_add_epi16(B, _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)l), q0));
+                B = _mm256_add_epi16(B, _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(l + 32)), q1));
+            }
+            acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(A, w256), _mm256_madd_epi16(B, ones)));
+        }
+        total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(s[g] * sx[g]), total);
+    }
+    return hsum8(total) + group_offset(s, z, xsum, groups, 8.f);
 }
 
 /* bits as a constant: shifts by immediates and the chunk loop unrolled */
 static float dot_packed(const wview *v, long n, const int16_t *xi, const float *sx, const float *xsum, int K) {
+    if (split_q4(v)) return dot_q4_split(v, n, xi, sx, xsum, K);
     return v->kind == 3 ? dot_packed_bits(v, n, xi, sx, xsum, K, 4) : dot_packed_bits(v, n, xi, sx, xsum, K, 2);
 }
 
@@ -346,15 +410,18 @@ static inline void rows_at(const wview *v, long r, int R, const float *x, const 
  * the torch reference does (gate, silu, up, product, down, coef * down, each running sum), so a bf16 model
  * gets the reference's numbers up to summation order inside the dot products (and, for integer kinds, the
  * int16 activation rounding of the header).
- * Scratch: h [F], t [D], xp and xs of max(D, F) floats each: x's prepared row for gate (and up) first,
+ * Scratch: h [F], xp and xs of max(D, F) floats each: x's prepared row for gate (and up) first,
  * then behind it the one for up (other format) or for down's input h. */
 /* Work-shared inside a parallel region: y [D] += sum_i coef[i] * expert_ids[i](x), in the given order,
  * with the torch modules' bf16 rounding points when bf16 != 0 (see ernie45_moe_token). */
 static void experts_into(int bf16, const wview *gate, const wview *up, const wview *down, long w_stride_gu,
                          long s_stride_gu, long w_stride_d, long s_stride_d, const long *ids, const float *coef,
-                         int n, const float *x, int D, int F, float *y, float *h, float *t, float *xp, float *xs) {
+                         int n, const float *x, int D, int F, float *y, float *h, float *xp, float *xs) {
     float *xp2 = (float *)((int16_t *)xp + D), *xs2 = xs + 2 * act_blocks(gate, D);  /* behind x's row */
     const int share = same_act(gate, up);
+    /* With gate and up sharing x's prepared row, the thread that computes a block of h also prepares it
+     * for down (no pass and barrier of its own): work items are down's activation blocks. */
+    const int fuse = share && is_int(down), HB = fuse ? act_block(down) : 64, nhb = (F + HB - 1) / HB;
     prep_act(gate, x, 1, D, xp, xs);  /* once for every expert: only kind and group matter */
     for (int i = 0; i < n; i++) {
         wview g = at_expert(gate, ids[i], w_stride_gu, s_stride_gu);
@@ -363,55 +430,86 @@ static void experts_into(int bf16, const wview *gate, const wview *up, const wvi
         if (!share) prep_act(&u, x, 1, D, xp2, xs2);
         const float *up_p = share ? xp : xp2, *up_s = share ? xs : xs2;
 #pragma omp for schedule(static)
-        for (int r0 = 0; r0 < F; r0 += 4) {
-            const int R = F - r0 < 4 ? F - r0 : 4;
-            float ga[4], ua[4];
-            rows_at(&g, r0, R, x, xp, xs, D, ga);
-            rows_at(&u, r0, R, x, up_p, up_s, D, ua);
-            for (int j = 0; j < R; j++) {
-                float a = ga[j], b = ua[j];
-                if (bf16) a = round_bf16(a), b = round_bf16(b);
-                float act = a / (1.f + expf(-a));
-                h[r0 + j] = bf16 ? round_bf16(round_bf16(act) * b) : act * b;
+        for (int hb = 0; hb < nhb; hb++) {
+            const int r1 = (hb + 1) * HB < F ? (hb + 1) * HB : F;
+            for (int r0 = hb * HB; r0 < r1; r0 += 4) {
+                const int R = r1 - r0 < 4 ? r1 - r0 : 4;
+                float ga[4], ua[4];
+                rows_at(&g, r0, R, x, xp, xs, D, ga);
+                rows_at(&u, r0, R, x, up_p, up_s, D, ua);
+                for (int j = 0; j < R; j++) {
+                    float a = ga[j], b = ua[j];
+                    if (bf16) a = round_bf16(a), b = round_bf16(b);
+                    float act = a / (1.f + expf(-a));
+                    h[r0 + j] = bf16 ? round_bf16(round_bf16(act) * b) : act * b;
+                }
             }
+            if (fuse) prep_block(&d, h, F, hb, (int16_t *)xp2, xs2);
         }
-        gemv_shared(&d, h, 1, F, D, t, xp2, xs2);  /* t [D] = down_e h; its work-sharing loop ends in a barrier */
+        if (!fuse) prep_act(&d, h, 1, F, xp2, xs2);
 #pragma omp for schedule(static)
-        for (int r = 0; r < D; r++)
-            y[r] = bf16 ? round_bf16(y[r] + round_bf16(coef[i] * round_bf16(t[r]))) : y[r] + coef[i] * t[r];
+        for (int r = 0; r < D; r++) {  /* y += coef * down_e h, row by row: each y[r] has one owner */
+            float t;
+            rows_at(&d, r, 1, h, xp2, xs2, F, &t);
+            y[r] = bf16 ? round_bf16(y[r] + round_bf16(coef[i] * round_bf16(t))) : y[r] + coef[i] * t;
+        }
+    }
+}
+
+/* Work-shared: y [N] = W x for one activation row prepared for v (prep_act), rounded to bf16 if asked:
+ * one loop, one barrier. */
+static void rows_one(const wview *v, const float *x, int K, int N, float *y, const float *xp, const float *xs,
+                     int bf16) {
+#pragma omp for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float o;
+        rows_at(v, n, 1, x, xp, xs, K, &o);
+        y[n] = bf16 ? round_bf16(o) : o;
     }
 }
 
 void ernie45_moe_token(const wview *gate, const wview *up, const wview *down, long w_stride_gu,
                        long s_stride_gu, long w_stride_d, long s_stride_d, const long *ids, const float *coef,
-                       int n, const float *x, int D, int F, float *y, float *h, float *t, float *xp, float *xs,
+                       int n, const float *x, int D, int F, float *y, float *h, float *xp, float *xs,
                        int bf16, int threads) {
 #pragma omp parallel num_threads(threads)
     experts_into(bf16, gate, up, down, w_stride_gu, s_stride_gu, w_stride_d, s_stride_d, ids, coef, n, x, D, F, y,
-                 h, t, xp, xs);
+                 h, xp, xs);
 }
 
-/* Integer screen: y[n] = s[n] * sx * sum_k q[n,k] * xq[k] with int8 weights q [N, K] (row stride ld bytes)
- * and int8 activations xq [K]; exact integer sums (|q|, |xq| <= 127, K % 32 == 0, K < 2^17). Used only
- * where a bound covers the activation rounding (greedy_head.py), never as a model's matmul. */
-void ernie45_gemv_i8i8(const int8_t *w, long ld, const float *s, const int8_t *xq, float sx, int K, int N,
-                       float *y, int threads) {
+/* Integer screen of an LM head for greedy_head.py: for every row n of int8 weights q [N, K] (row stride
+ * ld bytes, scale s[n]) and the int8 activation row xq [K] (scale sx):
+ *   a[n] = s[n] * sx * sum_k q[n,k] * xq[k]                      (exact integer sum: |q|, |xq| <= 127,
+ *                                                                 K % 32 == 0, K < 2^17)
+ *   b[n] = e + slack * (|a[n]| + e),  e = s[n] * (l1 + half_sx * absq[n])   (its error bound)
+ * with l1 = ||x||_1 / 2 and half_sx = sx / 2 given; returns max_n (a[n] - b[n]), the floor any winner
+ * must reach. Used only where that bound covers the rounding, never as a model's matmul. */
+float ernie45_head_screen(const int8_t *w, long ld, const float *s, const float *absq, const int8_t *xq, float sx,
+                          float l1, float half_sx, float slack, int K, int N, float *a, float *b, int threads) {
     const __m256i ones = _mm256_set1_epi16(1);
-#pragma omp parallel for schedule(static) num_threads(threads)
+    float floor = -INFINITY;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(max : floor)
     for (int n = 0; n < N; n++) {
         const int8_t *row = w + n * ld;
         __m256i acc = _mm256_setzero_si256();
         for (int k = 0; k < K; k += 32) {
+            if (!(k & 63)) prefetch_ahead(row + k);
             __m256i q = _mm256_loadu_si256((const __m256i *)(row + k));
             __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k));
             __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(q, xv));
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
         }
-        __m128i a = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-        a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4e));
-        a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0xb1));
-        y[n] = (float)_mm_cvtsi128_si32(a) * s[n] * sx;
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+        const float an = (float)_mm_cvtsi128_si32(t) * s[n] * sx;
+        const float e = s[n] * (l1 + half_sx * absq[n]);
+        const float bn = e + slack * (fabsf(an) + e);
+        a[n] = an;
+        b[n] = bn;
+        floor = an - bn > floor ? an - bn : floor;
     }
+    return floor;
 }
 
 /* Several tokens through their experts: pairs p (sorted by expert, then token) of (ids[p], tok[p], coef[p]).
