@@ -10,19 +10,22 @@ What runs where (rows = tokens in this call):
 - one token on a batch-1 KVCache: the whole trunk in one C call (fast_decode.py), and at temperature 0
   the exact int8-screened argmax instead of the full head (greedy_head.py);
 - up to DECODE_ROWS rows (fp32 weights) or KERNEL_MAX_ROWS (bf16/int8/int4/int2): `kernels.gemv` reads
-  the weight once in its stored format with fp32 activations; the result is cast to the activation
-  dtype, exactly where F.linear would round;
+  the weight once in its stored format with fp32 activations (int16-rounded per block for the integer
+  formats: kernels/gemv.c's header); the result is cast to the activation dtype, where F.linear rounds;
 - routed experts of a decode batch (one token, or at most that many rows per expert): one C call for
   all (token, expert) pairs, ascending expert id, with the bf16 reference's rounding points when the
   model is bf16 — a bf16 model's decode equals the reference up to summation order in dot products;
-- many rows with bf16 weights (prefill): an fp32 GEMM on the up-cast weight (CPUs without native bf16
-  run bf16 GEMM ~5x slower: field-notes), rounded back to bf16.
+- many rows with bf16 weights (prefill): on CPUs without bf16 hardware an fp32 GEMM on the up-cast
+  weight, rounded back to bf16 (their bf16 GEMM is ~5x slower: field-notes); with AVX512_BF16/AMX
+  torch's own bf16 GEMM (`native_bf16`).
 - anything else: the module's own forward.
 
 Shape legend: M rows, K in, N out, T tokens, P (token, expert) pairs, D hidden, F expert width.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -74,9 +77,24 @@ def _cached(module: nn.Module, key: str, tensors: tuple, make):
     return hit[1]
 
 
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def native_bf16() -> bool:
+    """Whether torch's bf16 GEMM runs on bf16 hardware here (AVX512_BF16 or AMX-BF16 in /proc/cpuinfo).
+
+    Without it a bf16 GEMM is several times slower than an fp32 GEMM on up-cast weights (field-notes, Zen 1:
+    ~5x); with it (the Zen 4 machine) the bf16 GEMM was faster: transformers' bf16 prefill 610 tok/s against
+    its fp32 576 (bench/results of that run). `ERNIE45_BF16_GEMM=native|fp32` overrides the detection."""
+    forced = os.environ.get("ERNIE45_BF16_GEMM")
+    if forced in ("native", "fp32"):
+        return forced == "native"
+    return any(f in kernels.cpu_flags() for f in NATIVE_BF16_FLAGS)
+
+
 def prefill_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w^T: bf16 weights on CPU go through an fp32 GEMM (no native bf16 here), else F.linear."""
-    if w.dtype == torch.bfloat16 and w.device.type == "cpu":
+    """x [M, K] @ w^T: bf16 weights on a CPU without bf16 hardware go through an fp32 GEMM, else F.linear."""
+    if w.dtype == torch.bfloat16 and w.device.type == "cpu" and not native_bf16():
         return F.linear(x.float(), w.float()).to(x.dtype)
     return F.linear(x, w)
 

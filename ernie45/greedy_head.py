@@ -65,7 +65,8 @@ class GreedyHead:
         out = torch.empty(x.shape[0], dtype=torch.long)
         for r in range(x.shape[0]):
             a, bound, floor = self.screen(x32[r])  # [V], [V], the lowest value the winner can have
-            cand = torch.nonzero(a + bound >= floor).flatten()  # ascending row ids
+            cand = kernels.head_candidates(a, bound, floor) if self.integer \
+                else torch.nonzero(a + bound >= floor).flatten()  # ascending row ids
             if cand.numel() > MAX_CANDIDATES:
                 self.full_heads += 1
                 out[r] = torch.argmax(F.linear(x[r], self.weight))

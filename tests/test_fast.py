@@ -347,6 +347,19 @@ def test_fast_prefill_many_rows_bf16_uses_fp32_gemm():
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
 
 
+@pytest.mark.parametrize("mode", ["native", "fp32"])
+def test_prefill_bf16_gemm_follows_the_cpu(monkeypatch, mode):
+    """bf16 hardware (or ERNIE45_BF16_GEMM=native): torch's bf16 GEMM; else fp32 GEMM on up-cast weights."""
+    monkeypatch.setenv("ERNIE45_BF16_GEMM", mode)
+    torch.manual_seed(9)
+    x, w = torch.randn(70, 96).to(torch.bfloat16), torch.randn(40, 96).to(torch.bfloat16)
+    want = F.linear(x, w) if mode == "native" else F.linear(x.float(), w.float()).to(torch.bfloat16)
+    assert fast.native_bf16() == (mode == "native")
+    assert torch.equal(fast.prefill_linear(x, w), want)
+    monkeypatch.delenv("ERNIE45_BF16_GEMM")
+    assert fast.native_bf16() == any(f in kernels.cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
+
+
 @needs_kernels
 @pytest.mark.parametrize("scheme", ["int8", "int4", "int2"])
 def test_fast_quantized_matches_reference_path(scheme):

@@ -43,12 +43,26 @@ class WView(ctypes.Structure):
                 ("sld", ctypes.c_long), ("kind", ctypes.c_int), ("group", ctypes.c_int)]
 
 
+_flags: frozenset[str] | None = None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The vector-feature flags of this CPU from /proc/cpuinfo (empty when it cannot be read)."""
+    global _flags
+    if _flags is None:
+        try:
+            line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+        except OSError:
+            line = ""
+        _flags = frozenset(line.partition(":")[2].split())
+    return _flags
+
+
 def _cpu_ok() -> str | None:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = cpu_flags()
+    if not flags:
         return "cannot read /proc/cpuinfo to check for AVX2/FMA"
-    missing = [f for f in ("avx2", "fma") if f" {f}" not in flags]
+    missing = [f for f in ("avx2", "fma") if f not in flags]
     return f"this CPU lacks {', '.join(missing)}" if missing else None
 
 
@@ -76,6 +90,7 @@ def _build() -> ctypes.CDLL:
     handle.ernie45_moe_token.restype = None
     handle.ernie45_decode.restype = None
     handle.ernie45_head_screen.restype = ctypes.c_float
+    handle.ernie45_head_candidates.restype = ctypes.c_long
     handle.ernie45_moe_tokens.restype = None
     return handle
 
@@ -241,6 +256,13 @@ def head_screen(q: torch.Tensor, scale: torch.Tensor, abs_q: torch.Tensor, xq: t
                                            ctypes.c_float(sx), ctypes.c_float(l1_half), ctypes.c_float(sx / 2),
                                            ctypes.c_float(slack), K, N, _ptr(a), _ptr(b), torch.get_num_threads())
     return a, b, float(floor)
+
+
+def head_candidates(a: torch.Tensor, b: torch.Tensor, floor: float) -> torch.Tensor:
+    """Ascending row ids n with a[n] + b[n] >= floor (int64), as torch.nonzero would give them."""
+    idx = torch.empty(a.numel(), dtype=torch.long)
+    count = _require().ernie45_head_candidates(_ptr(a), _ptr(b), ctypes.c_float(floor), a.numel(), _ptr(idx))
+    return idx[:count]
 
 
 def moe_tokens(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, tok: torch.Tensor, coef: torch.Tensor,

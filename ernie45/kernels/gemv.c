@@ -512,6 +512,15 @@ float ernie45_head_screen(const int8_t *w, long ld, const float *s, const float 
     return floor;
 }
 
+/* Rows that can still be the maximum after ernie45_head_screen: ascending n with a[n] + b[n] >= floor,
+ * written to idx (room for N); returns how many. */
+long ernie45_head_candidates(const float *a, const float *b, float floor, int N, long *idx) {
+    long c = 0;
+    for (int n = 0; n < N; n++)
+        if (a[n] + b[n] >= floor) idx[c++] = n;
+    return c;
+}
+
 /* Several tokens through their experts: pairs p (sorted by expert, then token) of (ids[p], tok[p], coef[p]).
  * Each expert runs once on all its rows (M = rows of that expert, at most max_rows): gather x rows,
  * h = silu(gate X) * (up X), Y = down h, y[tok] += coef * Y row, ascending expert then token, with the
