@@ -41,6 +41,10 @@ class GreedyHead:
             self.q[start:start + chunk] = torch.round(w / s[:, None]).to(torch.int8)
             self.scale[start:start + chunk] = s
         self.integer = kernels.available() and D % 32 == 0
+        exact_in_c = self.integer and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous() \
+            and weight.device.type == "cpu"
+        self.rows = kernels.Weights(weight.dtype, weight.detach(), D) if exact_in_c else None  # no copy
+        self._buffers = (torch.empty(V), torch.empty(V), torch.empty(V, dtype=torch.long)) if self.integer else None
         self.abs_q = self.q.abs().sum(1, dtype=torch.int32).float()  # [V] sum_k |q_rk|
         self.full_heads = 0  # rows that fell back to the whole head (diagnostics)
 
@@ -57,7 +61,8 @@ class GreedyHead:
             return a, bound, float((a - bound).max())
         sx = float(x.abs().max()) / 127 or 1.0
         xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
-        return kernels.head_screen(self.q, self.scale, self.abs_q, xq, sx, l1_half, slack)  # one pass in C
+        return kernels.head_screen(self.q, self.scale, self.abs_q, xq, sx, l1_half, slack,  # one pass in C
+                                   out=self._buffers[:2])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, D] (normed hidden, model dtype) -> token ids [R] (int64)."""
@@ -65,11 +70,14 @@ class GreedyHead:
         out = torch.empty(x.shape[0], dtype=torch.long)
         for r in range(x.shape[0]):
             a, bound, floor = self.screen(x32[r])  # [V], [V], the lowest value the winner can have
-            cand = kernels.head_candidates(a, bound, floor) if self.integer \
+            cand = kernels.head_candidates(a, bound, floor, out=self._buffers[2]) if self.integer \
                 else torch.nonzero(a + bound >= floor).flatten()  # ascending row ids
             if cand.numel() > MAX_CANDIDATES:
                 self.full_heads += 1
                 out[r] = torch.argmax(F.linear(x[r], self.weight))
+                continue
+            if self.rows is not None:  # the same logits (rounded to the head dtype) in C, no row gather
+                out[r] = kernels.head_exact(self.rows, cand, x[r])
                 continue
             exact = F.linear(x[r], self.weight[cand])  # [C] in the head dtype, as the reference rounds
             out[r] = cand[torch.argmax(exact)]

@@ -113,11 +113,11 @@ def test_gemv_quantized_kinds(fmt, group, K):
     xr = kernels.round_activations(x, block)
     fp32_slack = 1e-5 * (xr.abs() @ q_part.abs().T + x.abs() @ offset.abs().T) + 1e-6
     assert ((got - (xr @ q_part.T + x @ offset.T)).abs() <= fp32_slack).all()
-    # the rounding's own bound, |x - xr| <= 2^-15 * (block max |x|), carried to the product
+    # the rounding's own bound, |x - xr| <= (block max |x|) / 32767, carried to the product
     bmax = torch.cat([x[:, k0:k0 + block].abs().amax(1, keepdim=True).expand(-1, min(block, K - k0))
                       for k0 in range(0, K, block)], 1)  # [2, K]: each column's block max
-    assert ((x - xr).abs() <= 2.0 ** -15 * bmax).all()
-    assert ((got - x @ dequantize(qw).T).abs() <= (2.0 ** -15 * bmax) @ q_part.abs().T + fp32_slack).all()
+    assert ((x - xr).abs() <= bmax / 32767).all()
+    assert ((got - x @ dequantize(qw).T).abs() <= (bmax / 32767) @ q_part.abs().T + fp32_slack).all()
 
 
 @needs_kernels
@@ -204,7 +204,7 @@ def test_generation_uses_the_greedy_head_only_at_temperature_zero():
 
 
 # ---- the one-call decode step ---------------------------------------------------------------------
-# Integer-kind weights meet int16-rounded activations (each element off by <= 2^-15 of its block's max,
+# Integer-kind weights meet int16-rounded activations (each element off by <= 1/32767 of its block's max,
 # tested exactly above); through a few fp32 layers that compounds to ~4e-4 of the largest value here
 # (an fp32 model; a bf16 model's activations are mostly exact in int16). A wrong code or scale is O(1).
 INT16_ACTIVATIONS_TOL = 2 ** -10
@@ -246,6 +246,18 @@ def test_decode_step_quantized_matches_reference_path(scheme):
         assert model.fast_decode_unavailable is None
         got = _decode_hidden(model, ids, 3)
     assert (got - want).abs().max() <= INT16_ACTIVATIONS_TOL * want.abs().max()
+
+
+@needs_kernels
+def test_decode_step_rope_table_equals_per_position_values():
+    from ernie45.layers import rope_cos_sin
+
+    model = fast.accelerate(tiny_model(seed=16))
+    dec = model.model._decoder
+    for pos in (0, 1, 255, 256, 300, 511):  # across table blocks
+        cos, sin = rope_cos_sin(torch.tensor([[pos]]), dec.inv_freq)
+        got = dec._rope(pos)
+        assert torch.equal(got[0], cos[0, 0]) and torch.equal(got[1], sin[0, 0])
 
 
 def test_decode_step_refuses_what_it_cannot_run():

@@ -4,8 +4,9 @@ Why: a decode step reads every active weight once, so its speed is memory bandwi
 is fine for fp32, but without native bf16 its bf16 GEMV is compute-bound (field-notes: ~5.5 G weights/s)
 and its weight-only int8/int4 kernels want bf16 activations; a loop over experts also costs many small
 torch calls per token. gemv.c reads bf16 weights with fp32 activations, int8/int4/int2 codes with
-activations rounded to int16 per block (integer dot products, errors ~2^-16 of a block's largest value,
-exact for bf16 values near it: gemv.c's header), and runs a token's selected experts in one call.
+activations rounded to int16 per block (integer dot products, each element off by at most 1/32767 of
+its block's largest value, exact for bf16 values near it: gemv.c's header), and runs a token's selected
+experts in one call.
 
 Build: `gcc -O3 -mavx2 -mfma -ffp-contract=off -fopenmp -shared decode.c` (which includes gemv.c) into `$ERNIE45_KERNEL_CACHE` (default
 `~/.cache/ernie45/kernels`), keyed by the source's hash; the library links `libgomp.so.1`, which resolves
@@ -91,6 +92,7 @@ def _build() -> ctypes.CDLL:
     handle.ernie45_decode.restype = None
     handle.ernie45_head_screen.restype = ctypes.c_float
     handle.ernie45_head_candidates.restype = ctypes.c_long
+    handle.ernie45_head_exact.restype = ctypes.c_long
     handle.ernie45_moe_tokens.restype = None
     return handle
 
@@ -246,23 +248,34 @@ def decode(model_t, layers, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: t
 
 
 def head_screen(q: torch.Tensor, scale: torch.Tensor, abs_q: torch.Tensor, xq: torch.Tensor, sx: float,
-                l1_half: float, slack: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+                l1_half: float, slack: float, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Screened logits of an int8 head q [N, K] (scale [N], sum |q| per row abs_q [N]) for the int8
     activation xq [K] (scale sx): (a [N], bound b [N], max(a - b)) as gemv.c's ernie45_head_screen
-    defines them (l1_half = ||x||_1 / 2; slack: relative fp32 slack). K % 32 == 0."""
+    defines them (l1_half = ||x||_1 / 2; slack: relative fp32 slack). K % 32 == 0. `out`: reusable a, b
+    (a fresh 400 KB buffer per token costs its page faults)."""
     N, K = q.shape
-    a, b = torch.empty(N), torch.empty(N)
+    a, b = out if out is not None else (torch.empty(N), torch.empty(N))
     floor = _require().ernie45_head_screen(_ptr(q), ctypes.c_long(q.stride(0)), _ptr(scale), _ptr(abs_q), _ptr(xq),
                                            ctypes.c_float(sx), ctypes.c_float(l1_half), ctypes.c_float(sx / 2),
                                            ctypes.c_float(slack), K, N, _ptr(a), _ptr(b), torch.get_num_threads())
     return a, b, float(floor)
 
 
-def head_candidates(a: torch.Tensor, b: torch.Tensor, floor: float) -> torch.Tensor:
-    """Ascending row ids n with a[n] + b[n] >= floor (int64), as torch.nonzero would give them."""
-    idx = torch.empty(a.numel(), dtype=torch.long)
+def head_candidates(a: torch.Tensor, b: torch.Tensor, floor: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Ascending row ids n with a[n] + b[n] >= floor (int64), as torch.nonzero would give them; `out`: a
+    reusable int64 buffer of a's size."""
+    idx = out if out is not None else torch.empty(a.numel(), dtype=torch.long)
     count = _require().ernie45_head_candidates(_ptr(a), _ptr(b), ctypes.c_float(floor), a.numel(), _ptr(idx))
     return idx[:count]
+
+
+def head_exact(w: Weights, idx: torch.Tensor, x: torch.Tensor) -> int:
+    """The first of rows idx (ascending int64) of the fp32/bf16 head w with the largest logit x . w_row,
+    logits rounded to bf16 first for a bf16 head; torch.argmax(F.linear(x, w[idx])) up to dot order."""
+    x = x.float().contiguous()
+    return int(_require().ernie45_head_exact(ctypes.c_void_p(w.data.data_ptr()), ctypes.c_long(w.view.ld), w.kind,
+                                             _ptr(idx), ctypes.c_long(idx.numel()), _ptr(x), x.numel()))
 
 
 def moe_tokens(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, tok: torch.Tensor, coef: torch.Tensor,

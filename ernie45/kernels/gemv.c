@@ -13,16 +13,21 @@
  * Packed codes sit little-end first along K (code j of a byte at bits j*bits: quant/formats.py).
  *
  * Float kinds: fp32 FMAs on the weights converted to fp32.
- * Integer kinds (2-4): the activation row is first rounded to int16 per block (`prep_int`): block b of
- * columns gets the power-of-two step sx_b = 2^(e_b - 15), e_b the binary exponent of the block's max |x|,
- * so every element within 2^7 of that max whose mantissa has at most 8 bits (every bf16 value) is exact,
- * and any other is off by at most sx_b / 2 (by sx_b where a value rounds up to 32768 and saturates):
- * about max|x_b| * 2^-16, 200x finer than the bf16 rounding of the reference's activations. The weights
- * are then never converted to float: int16 x int8/uint8 products summed exactly in int32 (`vpmaddwd`),
- * one float FMA per block. Blocks: ACT_BLOCK columns (int8), the weight group (int4/int2). For packed
- * kinds the int16 row is also permuted so that for each 16-byte chunk (16*per codes) the codes at bit
- * offset j of the 16 bytes meet x values j, j+per, j+2*per, ..., and each group's sum of the exact x is
- * kept: sum_k x_k w_k = sum_g s_g * sx_g * (xi.q)_g + (z_g - mid * s_g) * (sum x)_g.
+ * Integer kinds (2-4): the activation row is first rounded to int16 per block (`prep_block`): block b
+ * of columns gets the power-of-two step sx_b = 2^(e_b - 15), e_b the binary exponent of the block's max
+ * |x|, so every element within 2^7 of that max whose mantissa has at most 8 bits (every bf16 value) is
+ * exact, and any other is off by at most sx_b / 2 (less than sx_b where a value rounds to 32768 and
+ * saturates): at most max|x_b| / 32767 per element, where the reference's own bf16 rounding of each
+ * activation is up to |x| * 2^-9. The weights are then never converted to float: products summed
+ * exactly in integers, one float FMA per block. Blocks: ACT_BLOCK columns (int8), the weight group
+ * (int4/int2). Layouts of the prepared row, by the loads that read it:
+ *   int8                 int16 in column order                    (vpmovsxbw + vpmaddwd, dot_i8)
+ *   int4, group % 64 == 0  its bytes: high (signed) then low (unsigned), each permuted per 32-byte
+ *                        chunk as [x of the 32 low nibbles, x of the 32 high nibbles]  (vpmaddubsw, dot_q4_split)
+ *   int4 (other groups), int2  int16 permuted per 16-byte chunk so the codes at bit offset j of the 16
+ *                        bytes meet x values j, j+per, j+2*per, ...   (vpmovzxbw + vpmaddwd, dot_packed_bits)
+ * and for packed kinds each group's sum of the exact x is kept:
+ *   sum_k x_k w_k = sum_g s_g * sx_g * (xi.q)_g + (z_g - mid * s_g) * (sum x)_g.
  * Integer sums have no order, so results do not depend on thread count or on how many rows a call has.
  * Each output row is computed by one thread start to end.
  */
@@ -515,10 +520,32 @@ float ernie45_head_screen(const int8_t *w, long ld, const float *s, const float 
 /* Rows that can still be the maximum after ernie45_head_screen: ascending n with a[n] + b[n] >= floor,
  * written to idx (room for N); returns how many. */
 long ernie45_head_candidates(const float *a, const float *b, float floor, int N, long *idx) {
+    const __m256 f = _mm256_set1_ps(floor);
     long c = 0;
-    for (int n = 0; n < N; n++)
+    int n = 0;
+    for (; n + 8 <= N; n += 8) {  /* mostly no candidate among 8: one compare and a mask test */
+        int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_add_ps(_mm256_loadu_ps(a + n), _mm256_loadu_ps(b + n)), f,
+                                                     _CMP_GE_OQ));
+        for (; mask; mask &= mask - 1) idx[c++] = n + __builtin_ctz(mask);
+    }
+    for (; n < N; n++)
         if (a[n] + b[n] >= floor) idx[c++] = n;
     return c;
+}
+
+/* The exact step of the greedy head: among rows idx[0..count) of the head w [V, K] (kind 0 fp32 or 1
+ * bf16, row stride ld bytes), the first row with the largest x . w_row, each logit rounded to bf16 first
+ * when the head is bf16 (as the reference's bf16 matmul rounds its output). Returns that row id. */
+long ernie45_head_exact(const void *w, long ld, int kind, const long *idx, long count, const float *x, int K) {
+    const wview v = {w, ld, 0, 0, 0, kind, 0};
+    long best = -1;
+    float top = -INFINITY;
+    for (long i = 0; i < count; i++) {
+        float d = dot_plain(&v, idx[i], x, K);
+        if (kind == 1) d = round_bf16(d);
+        if (best < 0 || d > top) best = idx[i], top = d;
+    }
+    return best;
 }
 
 /* Several tokens through their experts: pairs p (sorted by expert, then token) of (ids[p], tok[p], coef[p]).
