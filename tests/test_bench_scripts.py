@@ -41,3 +41,20 @@ def test_speed_quick_writes_every_result(tmp_path):
     assert "transformers fp32" in [r["peer"] for r in res["ratios"]]
     assert (tmp_path / "out" / "speed.md").read_text().startswith("# Decode speed")
     assert (tmp_path / "out" / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kernel_throughput_writes_every_format(tmp_path):
+    from ernie45 import kernels
+
+    if not kernels.available() and not os.environ.get("CI"):
+        pytest.skip(f"decode kernels unavailable: {kernels.unavailable_reason()}")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "bench" / "kernel_throughput.py"), "--threads", "1", "--stream-mb", "8",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "kernel_throughput.json").read_text())
+    assert set(res["formats"]) == {"bf16", "int8", "int4 g128", "int2 g64"}
+    for row in res["formats"].values():
+        assert row["stream_gb_s"] > 0 and row["compute_g_weights_s"]["1"] > 0
+    assert "| int4 g128 |" in (tmp_path / "kernel_throughput.md").read_text()

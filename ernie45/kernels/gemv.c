@@ -54,9 +54,10 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Weight rows are streamed once: hardware prefetchers follow one sequential stream per thread well but
- * ramp up slowly, so each dot product also prefetches PREFETCH bytes ahead in its stream (measured on
- * Zen 3: a 128 MB int8 GEMV from 26 to 31 GB/s, torch.sum's fp32 read 30-36 GB/s). Prefetches never fault. */
+/* Weight rows are streamed once. Hardware prefetchers follow one sequential stream per thread well (four
+ * interleaved 1 KB rows per thread, the earlier layout, read ~25% slower on Zen 3) but ramp up slowly, so
+ * each dot product also prefetches PREFETCH bytes ahead in its stream; bench/kernel_throughput.py sets a
+ * streaming GEMV against torch.sum's read rate. Prefetches never fault. */
 #define PREFETCH 4096
 static inline void prefetch_ahead(const void *p) { _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0); }
 
