@@ -182,6 +182,21 @@ def test_greedy_head_is_the_exact_argmax(dtype):
     assert dtype == torch.float32 or want[0] == 17
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_exact_step_is_the_first_maximum_over_many_candidates(dtype):
+    """Threads take ascending slices of the candidates; a tie across slices keeps the earlier row."""
+    torch.manual_seed(18)
+    w = torch.randn(500, 64).to(dtype)
+    w[10] *= 3
+    w[90], w[400] = w[10], w[10]  # three equal rows, the largest logits for x along them
+    x = w[10].float()
+    idx = torch.arange(0, 500, 2)  # 250 ascending candidates (parallel slices), 10, 90 and 400 among them
+    got = kernels.head_exact(kernels.Weights(dtype, w, 64), idx, x)
+    want = idx[torch.argmax(F.linear(x.to(dtype), w[idx]))]
+    assert got == int(want) == 10
+
+
 def test_greedy_head_falls_back_to_the_full_head(monkeypatch):
     monkeypatch.setattr(greedy_head, "MAX_CANDIDATES", 0)
     weight, x = torch.randn(500, 32), torch.randn(3, 32)
@@ -316,6 +331,27 @@ def test_attend_gqa_matches_reference(dtype):
 
 
 # ---- the module swap ------------------------------------------------------------------------------
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_rms_norm_in_c_matches_the_module(dtype):
+    from ernie45.layers import RMSNorm
+
+    torch.manual_seed(17)
+    norm = RMSNorm(96, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+        x = (torch.randn(1, 1, 96) * 3).to(dtype)
+        want = norm(x)
+        norm.__class__ = fast.FastRMSNorm
+        got = norm(x)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        else:  # the same rounding points; rsqrt's last bit may differ: one bf16 ulp at most
+            assert ((got.float() - want.float()).abs() <= 2 ** -7 * want.float().abs()).all()
+        torch.testing.assert_close(norm(x.expand(1, 3, 96)), RMSNorm.forward(norm, x.expand(1, 3, 96)))  # many rows: torch
+
+
 def test_accelerate_swaps_classes_and_reference_restores():
     model = tiny_model()
     names = [n for n, _ in model.named_parameters()]

@@ -93,6 +93,7 @@ def _build() -> ctypes.CDLL:
     handle.ernie45_head_screen.restype = ctypes.c_float
     handle.ernie45_head_candidates.restype = ctypes.c_long
     handle.ernie45_head_exact.restype = ctypes.c_long
+    handle.ernie45_rms_norm.restype = None
     handle.ernie45_moe_tokens.restype = None
     return handle
 
@@ -270,12 +271,22 @@ def head_candidates(a: torch.Tensor, b: torch.Tensor, floor: float, out: torch.T
     return idx[:count]
 
 
+def rms_norm(weight: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """layers.RMSNorm of one row x [D] with weight [D] (both fp32 or both bf16) -> [D] in that dtype."""
+    bf16 = weight.dtype == torch.bfloat16
+    x32 = x.float().contiguous()
+    out = torch.empty(x32.numel())
+    _require().ernie45_rms_norm(_ptr(weight), _ptr(x32), x32.numel(), ctypes.c_float(eps), int(bf16), _ptr(out))
+    return out.to(weight.dtype)
+
+
 def head_exact(w: Weights, idx: torch.Tensor, x: torch.Tensor) -> int:
     """The first of rows idx (ascending int64) of the fp32/bf16 head w with the largest logit x . w_row,
     logits rounded to bf16 first for a bf16 head; torch.argmax(F.linear(x, w[idx])) up to dot order."""
     x = x.float().contiguous()
     return int(_require().ernie45_head_exact(ctypes.c_void_p(w.data.data_ptr()), ctypes.c_long(w.view.ld), w.kind,
-                                             _ptr(idx), ctypes.c_long(idx.numel()), _ptr(x), x.numel()))
+                                             _ptr(idx), ctypes.c_long(idx.numel()), _ptr(x), x.numel(),
+                                             torch.get_num_threads()))
 
 
 def moe_tokens(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, tok: torch.Tensor, coef: torch.Tensor,

@@ -64,6 +64,15 @@ static void rms_norm(const model_t *m, const void *w, const float *x, float *h) 
     for (int i = 0; i < m->D; i++) h[i] = rnd(m->bf16, load_act(m->bf16, w, i) * rnd(m->bf16, x[i] * r));
 }
 
+/* One row of layers.RMSNorm outside the decode step (the final norm before the head): out [D] fp32 holds
+ * values of the activation dtype (bf16 != 0: w and the rounding are bf16). */
+void ernie45_rms_norm(const void *w, const float *x, int D, float eps, int bf16, float *out) {
+    model_t m;
+    memset(&m, 0, sizeof m);
+    m.D = D, m.eps = eps, m.bf16 = bf16;
+    rms_norm(&m, w, x, out);
+}
+
 /* Rotate adjacent pairs of each head in place: (a, b) -> (a c - b s, b c + a s), cos/sin [Dh]. */
 static void rope(const model_t *m, float *t, int heads, const float *cs, const float *sn) {
     for (int hd = 0; hd < heads; hd++) {

@@ -33,6 +33,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -537,15 +538,35 @@ long ernie45_head_candidates(const float *a, const float *b, float floor, int N,
 /* The exact step of the greedy head: among rows idx[0..count) of the head w [V, K] (kind 0 fp32 or 1
  * bf16, row stride ld bytes), the first row with the largest x . w_row, each logit rounded to bf16 first
  * when the head is bf16 (as the reference's bf16 matmul rounds its output). Returns that row id. */
-long ernie45_head_exact(const void *w, long ld, int kind, const long *idx, long count, const float *x, int K) {
+long ernie45_head_exact(const void *w, long ld, int kind, const long *idx, long count, const float *x, int K,
+                        int threads) {
     const wview v = {w, ld, 0, 0, 0, kind, 0};
+    const long row_bytes = (long)K * (kind == 0 ? 4 : 2);
+    long best_of[64];
+    float top_of[64];
+    int used = 1;
+#pragma omp parallel num_threads(threads) if (count >= 64)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const long lo = count * t / nt, hi = count * (t + 1) / nt;  /* ascending slices: first max per slice */
+        long best = -1;
+        float top = -INFINITY;
+        for (long i = lo; i < hi; i++) {
+            if (i + 2 < hi)  /* candidate rows are scattered: fetch two ahead while this one is summed */
+                for (long off = 0; off < row_bytes; off += 64)
+                    _mm_prefetch((const char *)w + idx[i + 2] * ld + off, _MM_HINT_T0);
+            float d = dot_plain(&v, idx[i], x, K);
+            if (kind == 1) d = round_bf16(d);
+            if (best < 0 || d > top) best = idx[i], top = d;
+        }
+        if (t < 64) best_of[t] = best, top_of[t] = top;
+#pragma omp single
+        used = nt < 64 ? nt : 64;
+    }
     long best = -1;
     float top = -INFINITY;
-    for (long i = 0; i < count; i++) {
-        float d = dot_plain(&v, idx[i], x, K);
-        if (kind == 1) d = round_bf16(d);
-        if (best < 0 || d > top) best = idx[i], top = d;
-    }
+    for (int t = 0; t < used; t++)  /* slices in ascending order: a tie keeps the earlier row */
+        if (best_of[t] >= 0 && (best < 0 || top_of[t] > top)) best = best_of[t], top = top_of[t];
     return best;
 }
 
