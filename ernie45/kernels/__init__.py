@@ -8,9 +8,10 @@ activations rounded to int16 per block (integer dot products, each element off b
 its block's largest value, exact for bf16 values near it: gemv.c's header), and runs a token's selected
 experts in one call.
 
-Build: `gcc -O3 -mavx2 -mfma -ffp-contract=off -fopenmp -shared decode.c` (which includes gemv.c) into `$ERNIE45_KERNEL_CACHE` (default
-`~/.cache/ernie45/kernels`), keyed by the source's hash; the library links `libgomp.so.1`, which resolves
-to the OpenMP runtime torch already loaded, so both share one thread pool. No compiler, no AVX2/FMA, or
+Build: `gcc -O3 -mavx2 -mfma -ffp-contract=off -fopenmp -shared decode.c` (which includes gemv.c, moe.c and
+head.c) into `$ERNIE45_KERNEL_CACHE` (default `~/.cache/ernie45/kernels`), keyed by the sources' hash; the
+library links `libgomp.so.1`, which resolves to the OpenMP runtime torch already loaded, so both share one
+thread pool. No compiler, no AVX2/FMA, or
 `ERNIE45_KERNELS=0` -> `available()` is False with the reason in `unavailable_reason()`, and callers use
 their torch paths.
 
@@ -29,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("decode.c")  # includes gemv.c: one library
-SOURCES = (SOURCE, Path(__file__).with_name("gemv.c"))
+SOURCE = Path(__file__).with_name("decode.c")  # includes gemv.c, moe.c, head.c: one library
+SOURCES = (SOURCE, *(Path(__file__).with_name(f) for f in ("gemv.c", "moe.c", "head.c")))
 KINDS = {torch.float32: 0, torch.bfloat16: 1, "int8": 2, "int4": 3, "int2": 4}
 MAX_ROWS = 64  # gemv.c's MAX_ROWS
 K_ALIGN = 16  # the plain kernels consume 16 columns per iteration

@@ -1,8 +1,9 @@
 /* One decoded token through every trunk layer of an ERNIE 4.5 model, in one call (batch 1).
  *
- * Compiled together with gemv.c (this file includes it). The Python side (ernie45/fast_decode.py) fills
- * one `layer_t` per decoder layer with views of the model's own parameters and KV cache buffers, so
- * nothing is copied; the model's modules stay the reference this is tested against (tests/test_fast.py).
+ * Compiled together with gemv.c, moe.c and head.c (this file includes them). The Python side
+ * (ernie45/fast_decode.py) fills one `layer_t` per decoder layer with views of the model's own parameters
+ * and KV cache buffers, so nothing is copied; the model's modules stay the reference this is tested
+ * against (tests/test_fast.py).
  *
  * Per layer, for residual x [D] (spec section 2; the order and rounding points of the torch modules):
  *   h = RMSNorm(x); q,k,v = W h; interleaved RoPE on q,k (cos/sin given, computed by torch);
@@ -14,6 +15,8 @@
  * Built with -ffp-contract=off so that a*b+c stays two roundings, as in torch's elementwise ops.
  */
 #include "gemv.c"
+#include "moe.c"
+#include "head.c"
 
 typedef struct {
     wview q, k, v, o;
