@@ -128,7 +128,7 @@ class FastLinear(nn.Linear):
 
 
 class FastQuantLinear(QuantLinear):
-    """QuantLinear whose few-row matmuls read the stored codes with the kernels (fp32 activations)."""
+    """QuantLinear whose few-row matmuls read the stored codes with the kernels (int16-rounded activations)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = _cached(self, "w", (self.qweight, self.scales), lambda: quant_weights(self))
