@@ -165,7 +165,7 @@ class Decoder:
         cfg = self.cfg
         x = self.embed[token].to(torch.float32, copy=True)  # [D]; the kernel updates it in place
         cos, sin = self._rope(pos)
-        width = max(cfg.hidden_size, self.max_f)
+        width = max(cfg.hidden_size, self.max_f, cfg.q_dim)  # decode.c's W: the widest matmul input
         scratch = torch.empty(8 * width + 2 * cfg.q_dim + 2 * cfg.kv_dim + 512 + cfg.num_attention_heads * (pos + 1))
         kernels.decode(ctypes.byref(self.model_t), self.layers, x, pos, cos, sin, scratch)
         cache.slot_pos[: cfg.num_hidden_layers, 0, pos] = pos

@@ -28,7 +28,9 @@ FP32_SLACK = 1e-4  # relative slack for fp32 accumulation over D terms in the sc
 
 
 class GreedyHead:
-    """Argmax of `x @ weight^T` per row, screened through an int8 copy of `weight` [V, D]."""
+    """Argmax of `x @ weight^T` per row, screened through an int8 copy of `weight` [V, D].
+
+    Reuses its screen buffers from call to call: one caller at a time (generation is single-threaded)."""
 
     def __init__(self, weight: torch.Tensor, chunk: int = 8192):
         self.weight = weight

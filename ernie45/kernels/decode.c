@@ -195,10 +195,11 @@ static void route(const model_t *m, const layer_t *L, float *logits, long *ids, 
 }
 
 /* x [D] (the residual stream, values of the activation dtype) -> after every trunk layer, in place.
- * scratch floats: 6*D + 2*Nq*Dh + 2*Nkv*Dh + Nq*(pos+1) + max_f + 2*max(D, max_f) + 4*64. */
+ * scratch floats: 6*D + 2*Nq*Dh + 2*Nkv*Dh + Nq*(pos+1) + max_f + 2*max(D, max_f, Nq*Dh) + 4*64. */
 void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, const float *cs, const float *sn,
                     float *scratch, int threads) {
-    const int D = m->D, qd = m->Nq * m->Dh, kd = m->Nkv * m->Dh, W = D > m->max_f ? D : m->max_f;
+    const int D = m->D, qd = m->Nq * m->Dh, kd = m->Nkv * m->Dh;
+    const int W = D > m->max_f ? (D > qd ? D : qd) : (m->max_f > qd ? m->max_f : qd);  /* widest input */
     float *h = scratch, *q = h + D, *k = q + qd, *v = k + kd, *att = v + kd, *o = att + qd, *y = o + D;
     float *hh = y + D, *xp = hh + m->max_f, *xs = xp + W, *lg = xs + W, *coef = lg + 64;
     long *ids = (long *)(coef + 64);  /* 64 longs = 128 floats of room */
