@@ -100,7 +100,8 @@ def _integer_parts(qw):
 
 @needs_kernels
 @pytest.mark.parametrize("fmt,group,K", [("int8", None, 256), ("int8", None, 208), ("int4", 128, 256),
-                                         ("int4", 32, 256), ("int2", 64, 256), ("int2", 128, 256)])
+                                         ("int4", 32, 256), ("int2", 64, 256), ("int2", 64, 192),
+                                         ("int2", 128, 256)])
 def test_gemv_quantized_kinds(fmt, group, K):
     """Integer kinds: int16-rounded activations (the torch reference of the rounding), exact integer dots."""
     torch.manual_seed(1)

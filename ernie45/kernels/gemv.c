@@ -143,6 +143,8 @@ static void dot4_rows(const wview *v, long n, const float *x, int M, int K, int 
 static inline int is_int(const wview *v) { return v->kind >= 2; }
 /* int4 with whole 32-byte chunks per group: the byte-split path (dot_q4_split) */
 static inline int split_q4(const wview *v) { return v->kind == 3 && v->group % 64 == 0; }
+/* int2 with 64-column groups, two to a 32-byte chunk: the byte-split path (dot_q2_split) */
+static inline int split_q2(const wview *v, int K) { return v->kind == 4 && v->group == 64 && K % 128 == 0; }
 static inline int act_block(const wview *v) { return v->kind == 2 ? ACT_BLOCK : v->group; }
 static inline int act_blocks(const wview *v, int K) { return is_int(v) ? (K + act_block(v) - 1) / act_block(v) : 0; }
 
@@ -193,6 +195,15 @@ static void prep_block(const wview *v, const float *xr, int K, int b, int16_t *x
                     hi[c * 64 + j * 32 + i] = (int8_t)(t >> 8);
                     lo[c * 64 + j * 32 + i] = (uint8_t)(t & 0xff);
                 }
+    } else if (split_q2(v, K)) {  /* as int4, per 32-byte chunk (two groups, one per 16-byte lane) and code j */
+        int8_t *hi = (int8_t *)xi;
+        uint8_t *lo = (uint8_t *)xi + K;
+        const int c = k0 / 128, lane = (k0 / 64) % 2;
+        for (int kk = 0; kk < n; kk++) {
+            const int pos = c * 128 + (kk % 4) * 32 + 16 * lane + kk / 4;
+            hi[pos] = (int8_t)(tmp[kk] >> 8);
+            lo[pos] = (uint8_t)(tmp[kk] & 0xff);
+        }
     } else {  /* 16-byte chunks of 16 * per codes */
         const int per = v->kind == 3 ? 2 : 4;
         int16_t *out = xi + k0;
@@ -317,9 +328,37 @@ static float dot_q4_split(const wview *v, long n, const int16_t *xi, const float
     return hsum8(total) + group_offset(s, z, xsum, groups, 8.f);
 }
 
+/* int2 with 64-column groups (K % 128 == 0) from the byte-split row (prep_block): each 32-byte chunk
+ * holds two groups, one per 16-byte lane, so the four code planes (bits 2j) meet x through vpmaddubsw
+ * as for int4 (pairs: 2*3*128 and 2*255*3, four planes still fit int16) and each lane's int32 sums get
+ * their own group's scale. */
+static float dot_q2_split(const wview *v, long n, const int16_t *xi, const float *sx, const float *xsum, int K) {
+    const __m256i mask = _mm256_set1_epi8(3), w256 = _mm256_set1_epi16(256), ones = _mm256_set1_epi16(1);
+    const uint8_t *row = (const uint8_t *)v->w + n * v->ld;
+    const int8_t *xh = (const int8_t *)xi;
+    const uint8_t *xl = (const uint8_t *)xi + K;
+    const float *s = v->s + n * v->sld, *z = v->z + n * v->sld;
+    __m256 total = _mm256_setzero_ps();
+    for (int c = 0; c < K / 128; c++) {
+        if (!(c & 1)) prefetch_ahead(row + c * 32);  /* one 64-byte line per 2 chunks */
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(row + c * 32));
+        __m256i A = _mm256_setzero_si256(), B = A;
+        for (int j = 0; j < 4; j++) {
+            const __m256i q = _mm256_and_si256(_mm256_srli_epi16(b, 2 * j), mask);
+            A = _mm256_add_epi16(A, _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(xh + c * 128 + j * 32))));
+            B = _mm256_add_epi16(B, _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(xl + c * 128 + j * 32)), q));
+        }
+        const __m256i acc = _mm256_add_epi32(_mm256_madd_epi16(A, w256), _mm256_madd_epi16(B, ones));
+        const __m256 scale = _mm256_set_m128(_mm_set1_ps(s[2 * c + 1] * sx[2 * c + 1]), _mm_set1_ps(s[2 * c] * sx[2 * c]));
+        total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, total);
+    }
+    return hsum8(total) + group_offset(s, z, xsum, K / 64, 2.f);
+}
+
 /* bits as a constant: shifts by immediates and the chunk loop unrolled */
 static float dot_packed(const wview *v, long n, const int16_t *xi, const float *sx, const float *xsum, int K) {
     if (split_q4(v)) return dot_q4_split(v, n, xi, sx, xsum, K);
+    if (split_q2(v, K)) return dot_q2_split(v, n, xi, sx, xsum, K);
     return v->kind == 3 ? dot_packed_bits(v, n, xi, sx, xsum, K, 4) : dot_packed_bits(v, n, xi, sx, xsum, K, 2);
 }
 
