@@ -4,7 +4,8 @@ One process, one configuration (so `peak_rss_bytes` belongs to it): load (option
 with round-to-nearest), switch to the fast path (`fast.accelerate`), then measure
 - decode: batch-1 greedy, a fixed prompt of ids 100.. (default 16 tokens), N new tokens (default 64);
   `decode_tok_s` counts the tokens after the first, whose time is the prompt's prefill;
-- prefill: one forward over `--prefill-tokens` (default 512) tokens into a fresh KV cache;
+- prefill: one forward over `--prefill-tokens` (default 512) tokens into a fresh KV cache, best of two
+  (the first also pays one-time weight repacking; transformers and llama.cpp are timed the same way);
 - throughput: the serving engine with C concurrent greedy requests (default 8 and 32), generated
   tokens / wall time, prompts and queueing included;
 - the reference check: the same greedy decode on the slow reference modules (`fast.reference`);
@@ -121,7 +122,9 @@ def run(args: argparse.Namespace) -> dict:
     decode_run(model, prompt, 4)  # warm-up: caches, kernel build, allocator
     tokens, first_s, rest_s = decode_run(model, prompt, args.new_tokens)
     prefill_seconds(model, min(64, args.prefill_tokens))  # warm-up
-    prefill_s = prefill_seconds(model, args.prefill_tokens)
+    # best of two, as bench/ measures the peers: the first full-length forward also pays one-time work
+    # that a 64-token warm-up does not reach (torch's int4 weight repacking of experts with many rows)
+    prefill_s = min(prefill_seconds(model, args.prefill_tokens) for _ in range(2))
     result = {
         "model": str(model_dir), "dtype": args.dtype, "quant": args.quant, "threads": torch.get_num_threads(),
         "path": "reference" if args.reference else "fast",
