@@ -142,7 +142,7 @@ class _FastGrouped:
     def grouped(self, x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Sum over pairs [P] of weight * E_expert(x[token]) -> [T, D]; `Experts.grouped`'s contract."""
         stack = self._stack()
-        if None in stack or x.device.type != "cpu":
+        if None in stack or x.device.type != "cpu" or not kernels.same_layout(stack[0], stack[1]):
             return super().grouped(x, token, expert, weight)
         gate, up, down = stack
         if x.shape[0] == 1:  # one token: every selected expert in one kernel call, ascending expert id

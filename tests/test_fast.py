@@ -167,6 +167,34 @@ def test_moe_token_matches_torch_order(dtype):
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
 
 
+def _stacked(fmt, group, E, N, K):
+    qs = [quantize_rtn(torch.randn(N, K) * .1, get_format(fmt), group) for _ in range(E)]
+    zeros = torch.stack([q.zeros for q in qs]) if qs[0].zeros is not None else None
+    w = kernels.Weights(fmt, torch.stack([q.qweight for q in qs]), K, torch.stack([q.scales for q in qs]), zeros,
+                        qs[0].group_size)
+    return w, torch.stack([dequantize(q) for q in qs])
+
+
+@needs_kernels
+@pytest.mark.parametrize("gate_up,down", [(("int4", 128), ("int2", 64)), (("int8", None), ("int4", 128)),
+                                          (("int2", 64), ("int8", None))])
+def test_moe_token_with_down_in_another_integer_format(gate_up, down):
+    """down prepared from h by the threads that computed it, in its own format (moe.c's fuse)."""
+    torch.manual_seed(4)
+    E, D, Fw = 5, 128, 128
+    (gate, g32), (up, u32), (dn, d32) = _stacked(*gate_up, E, Fw, D), _stacked(*gate_up, E, Fw, D), \
+        _stacked(*down, E, D, Fw)
+    x = torch.randn(D).to(torch.bfloat16).float()  # bf16 values: the int16 rounding is (nearly) exact
+    ids, coef = torch.tensor([0, 2, 4]), torch.tensor([.5, .3, .2])
+    y = kernels.moe_token(gate, up, dn, ids, coef, x, torch.zeros(D), bf16=False)
+    want = _moe_reference(x, g32, u32, d32, ids, coef)
+    assert (y - want).abs().max() <= INT16_ACTIVATIONS_TOL * want.abs().max()
+    other_up, _ = _stacked("int8" if gate_up[0] != "int8" else "int4", None if gate_up[0] != "int8" else 128,
+                           E, Fw, D)
+    with pytest.raises(ValueError, match="share one format"):
+        kernels.moe_token(gate, other_up, dn, ids, coef, x, torch.zeros(D), bf16=False)
+
+
 # ---- the screened greedy head ---------------------------------------------------------------------
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -221,12 +221,26 @@ def gemv(w: Weights, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def same_layout(a: Weights, b: Weights) -> bool:
+    """Whether two stacked expert weights share kind, group, shape and strides: the expert kernels read
+    gate and up through one set of strides and one prepared activation row."""
+    return (a.kind == b.kind and a.group == b.group and a.data.shape == b.data.shape
+            and a.expert_strides() == b.expert_strides())
+
+
+def _require_gate_up(gate: Weights, up: Weights) -> None:
+    if not same_layout(gate, up):
+        raise ValueError("gate and up experts must share one format (kind, group, shape) for the expert "
+                         "kernels; use the modules' own path for mixed formats")
+
+
 def moe_token(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, coef: torch.Tensor,
               x: torch.Tensor, y: torch.Tensor, bf16: bool) -> torch.Tensor:
     """One token through experts `ids` [n] (int64) with weights `coef` [n]: y [D] fp32 += sum, in order.
 
     gate/up: stacked [E, F, D], down [E, D, F]. `bf16` rounds intermediates as the bf16 reference does.
     """
+    _require_gate_up(gate, up)
     x = x.float().contiguous()
     ids, coef = ids.to(torch.long).contiguous(), coef.float().contiguous()
     D, F = x.shape[-1], gate.out_features
@@ -296,6 +310,7 @@ def moe_tokens(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, tok
 
     Each expert runs once on all its rows; the same order and rounding as moe.Experts.grouped.
     """
+    _require_gate_up(gate, up)
     x = x.float().contiguous()
     T, D = x.shape
     F = gate.out_features

@@ -38,17 +38,15 @@ static void experts_into(int bf16, const wview *gate, const wview *up, const wvi
                          long s_stride_gu, long w_stride_d, long s_stride_d, const long *ids, const float *coef,
                          int n, const float *x, int D, int F, float *y, float *h, float *xp, float *xs) {
     float *xp2 = (float *)((int16_t *)xp + D), *xs2 = xs + 2 * act_blocks(gate, D);  /* behind x's row */
-    const int share = same_act(gate, up);
-    /* With gate and up sharing x's prepared row, the thread that computes a block of h also prepares it
-     * for down (no pass and barrier of its own): work items are down's activation blocks. */
-    const int fuse = share && is_int(down), HB = fuse ? act_block(down) : 64, nhb = (F + HB - 1) / HB;
-    prep_act(gate, x, 1, D, xp, xs);  /* once for every expert: only kind and group matter */
+    /* gate and up share one format (the callers check; the stride arguments assume it), so x is prepared
+     * once for both and every expert. The thread that computes a block of h also prepares it for down
+     * (no pass and barrier of its own): work items are down's activation blocks. */
+    const int fuse = is_int(down), HB = fuse ? act_block(down) : 64, nhb = (F + HB - 1) / HB;
+    prep_act(gate, x, 1, D, xp, xs);  /* only kind and group matter */
     for (int i = 0; i < n; i++) {
         wview g = at_expert(gate, ids[i], w_stride_gu, s_stride_gu);
         wview u = at_expert(up, ids[i], w_stride_gu, s_stride_gu);
         wview d = at_expert(down, ids[i], w_stride_d, s_stride_d);
-        if (!share) prep_act(&u, x, 1, D, xp2, xs2);
-        const float *up_p = share ? xp : xp2, *up_s = share ? xs : xs2;
 #pragma omp for schedule(static)
         for (int hb = 0; hb < nhb; hb++) {
             const int r1 = (hb + 1) * HB < F ? (hb + 1) * HB : F;
@@ -56,7 +54,7 @@ static void experts_into(int bf16, const wview *gate, const wview *up, const wvi
                 const int R = r1 - r0 < 4 ? r1 - r0 : 4;
                 float ga[4], ua[4];
                 rows_at(&g, r0, R, x, xp, xs, D, ga);
-                rows_at(&u, r0, R, x, up_p, up_s, D, ua);
+                rows_at(&u, r0, R, x, xp, xs, D, ua);
                 for (int j = 0; j < R; j++) {
                     float a = ga[j], b = ua[j];
                     if (bf16) a = round_bf16(a), b = round_bf16(b);
@@ -117,8 +115,7 @@ void ernie45_moe_tokens(const wview *gate, const wview *up, const wview *down, l
 #pragma omp for schedule(static)
         for (int r = 0; r < n; r++) memcpy(X + (long)r * D, x + tok[p0 + r] * D, sizeof(float) * D);
         gemv_shared(&g, X, n, D, F, G, xp, xs);
-        if (!same_act(&g, &u)) prep_act(&u, X, n, D, xp, xs);  /* else X's prepared rows serve up too */
-        rows_of(&u, X, n, D, F, U, xp, xs);
+        rows_of(&u, X, n, D, F, U, xp, xs);  /* up shares gate's format: X's prepared rows serve it too */
 #pragma omp for schedule(static)
         for (long i = 0; i < (long)n * F; i++) {
             float a = G[i], b = U[i];
