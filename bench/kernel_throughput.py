@@ -69,7 +69,7 @@ def measure(threads: int, stream_mb: int) -> dict:
         torch.set_num_threads(threads)
         per_row = stored_bytes(small) / 4096
         big = weights(fmt, group, int(stream_mb * 1e6 / per_row))
-        stream = stored_bytes(big) / best_seconds(lambda: kernels.gemv(big, x), 5) / 1e9
+        stream = stored_bytes(big) / best_seconds(lambda w=big: kernels.gemv(w, x), 5) / 1e9
         rows[fmt if group is None else f"{fmt} g{group}"] = {"compute_g_weights_s": compute, "stream_gb_s": stream,
                                                               "stream_bytes": stored_bytes(big)}
         del big

@@ -86,7 +86,8 @@ def native_bf16() -> bool:
 
     Without it a bf16 GEMM is several times slower than an fp32 GEMM on up-cast weights (field-notes, Zen 1:
     ~5x); with it (the Zen 4 machine) the bf16 GEMM was faster: transformers' bf16 prefill 610 tok/s against
-    its fp32 576 (bench/results of that run). `ERNIE45_BF16_GEMM=native|fp32` overrides the detection."""
+    its fp32 576 (bench/results/speed.md at commit be6df7e). `ERNIE45_BF16_GEMM=native|fp32` overrides the
+    detection."""
     forced = os.environ.get("ERNIE45_BF16_GEMM")
     if forced in ("native", "fp32"):
         return forced == "native"

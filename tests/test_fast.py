@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -20,12 +19,9 @@ from ernie45.generation import GenerationConfig, generate
 from ernie45.greedy_head import GreedyHead
 from ernie45.model import build_model, init_random
 from ernie45.quant import quantize_model, set_path
-from ernie45.quant.formats import dequantize, get_format, quantize_rtn
 from ernie45.sampling import SamplingParams
 
-# In CI the kernels must build (gcc is installed by .ci/run); elsewhere a missing compiler skips.
-needs_kernels = pytest.mark.skipif(not kernels.available() and not os.environ.get("CI"),
-                                   reason=f"decode kernels unavailable: {kernels.unavailable_reason()}")
+from test_kernels import INT16_ACTIVATIONS_TOL, needs_kernels  # shared with the kernel tests
 
 # Widths that are multiples of 32 so every projection takes a kernel; 2 shared experts; 1 dense layer.
 FAST_CFG = dict(PRESETS["ERNIE-4.5-21B-A3B"], vocab_size=256, hidden_size=64, intermediate_size=128,
@@ -58,143 +54,6 @@ def _keep_fp32(model):
     return model
 
 
-# ---- kernels --------------------------------------------------------------------------------------
-@needs_kernels
-@pytest.mark.parametrize("M", [1, 3])
-@pytest.mark.parametrize("kind", [torch.float32, torch.bfloat16])
-def test_gemv_float_kinds(kind, M):
-    torch.manual_seed(0)
-    w, x = torch.randn(37, 96).to(kind), torch.randn(M, 96)  # 37 rows: blocks of four plus a remainder
-    got = kernels.gemv(kernels.Weights(kind, w, 96), x)
-    torch.testing.assert_close(got, x @ w.float().T, rtol=1e-5, atol=1e-5)
-
-
-@needs_kernels
-@pytest.mark.parametrize("kind", [torch.float32, torch.bfloat16, "int8", "int4"])
-def test_gemv_rows_do_not_depend_on_batch(kind):
-    """Several activation rows reuse each converted weight block, with the one-row lane order."""
-    torch.manual_seed(5)
-    x, w = torch.randn(40, 1536), torch.randn(70, 1536)
-    weights = (kernels.Weights(kind, w.to(kind), 1536) if not isinstance(kind, str) else
-               _quant_weights(quantize_rtn(w, get_format(kind)), 1536))
-    together = kernels.gemv(weights, x)
-    assert torch.equal(together, torch.cat([kernels.gemv(weights, x[i:i + 1]) for i in range(40)]))
-    with pytest.raises(ValueError, match="at most 64"):
-        kernels.gemv(weights, torch.randn(65, 1536))
-
-
-def _quant_weights(qw, K):
-    return kernels.Weights(qw.fmt.name, qw.qweight, K, qw.scales, getattr(qw, "zeros", None), qw.group_size)
-
-
-def _integer_parts(qw):
-    """dequantize(qw) = q_part + offset: the part the integer dot multiplies by rounded activations, and
-    the per-group constant (z - mid * s) that meets the exact group sums of x (gemv.c's header)."""
-    w = dequantize(qw)
-    if qw.fmt.name == "int8":
-        return w, torch.zeros_like(w)
-    s, z = (p.float().repeat_interleave(qw.group_size, -1) for p in (qw.scales, qw.zeros))
-    offset = z - qw.fmt.mid * s
-    return w - offset, offset
-
-
-@needs_kernels
-@pytest.mark.parametrize("fmt,group,K", [("int8", None, 256), ("int8", None, 208), ("int4", 128, 256),
-                                         ("int4", 32, 256), ("int2", 64, 256), ("int2", 64, 192),
-                                         ("int2", 128, 256)])
-def test_gemv_quantized_kinds(fmt, group, K):
-    """Integer kinds: int16-rounded activations (the torch reference of the rounding), exact integer dots."""
-    torch.manual_seed(1)
-    w, x = torch.randn(21, K), torch.randn(2, K) * torch.logspace(-3, 1, K)  # wide dynamic range per row
-    qw = quantize_rtn(w, get_format(fmt), group)
-    weights = _quant_weights(qw, K)
-    got = kernels.gemv(weights, x)
-    q_part, offset = _integer_parts(qw)
-    block = kernels.activation_block(weights)
-    xr = kernels.round_activations(x, block)
-    fp32_slack = 1e-5 * (xr.abs() @ q_part.abs().T + x.abs() @ offset.abs().T) + 1e-6
-    assert ((got - (xr @ q_part.T + x @ offset.T)).abs() <= fp32_slack).all()
-    # the rounding's own bound, |x - xr| <= (block max |x|) / 32767, carried to the product
-    bmax = torch.cat([x[:, k0:k0 + block].abs().amax(1, keepdim=True).expand(-1, min(block, K - k0))
-                      for k0 in range(0, K, block)], 1)  # [2, K]: each column's block max
-    assert ((x - xr).abs() <= bmax / 32767).all()
-    assert ((got - x @ dequantize(qw).T).abs() <= (bmax / 32767) @ q_part.abs().T + fp32_slack).all()
-
-
-@needs_kernels
-def test_gemv_integer_kinds_are_exact_on_bf16_activations_near_the_block_max():
-    """A bf16 value has 8 significant bits: within 2^7 of its block's max it is an int16 multiple of the step."""
-    torch.manual_seed(3)
-    w = torch.randn(12, 128)
-    x = (torch.rand(1, 128) * 1.9 + 0.05).mul(torch.randint(0, 2, (1, 128)) * 2 - 1).to(torch.bfloat16).float()
-    for fmt, group in (("int8", None), ("int4", 128), ("int2", 64)):
-        qw = quantize_rtn(w, get_format(fmt), group)
-        weights = _quant_weights(qw, 128)
-        assert torch.equal(kernels.round_activations(x, kernels.activation_block(weights)), x)
-        torch.testing.assert_close(kernels.gemv(weights, x), x @ dequantize(qw).T, rtol=1e-5, atol=1e-5)
-
-
-def test_packed_groups_that_split_a_16_byte_chunk_take_the_torch_path():
-    assert kernels.supports("int4", 256, 32) and not kernels.supports("int4", 256, 16)
-    assert kernels.supports("int2", 256, 64) and not kernels.supports("int2", 256, 32)
-
-
-def _moe_reference(x, gate, up, down, ids, coef):
-    """The torch order of moe.Experts.grouped for one token: ascending ids, rounding in x.dtype."""
-    out = torch.zeros_like(x)
-    for e, c in sorted(zip(ids.tolist(), coef.to(x.dtype))):
-        h = F.silu(F.linear(x, gate[e])) * F.linear(x, up[e])
-        out = out + F.linear(h, down[e]) * c
-    return out
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_moe_token_matches_torch_order(dtype):
-    torch.manual_seed(2)
-    E, D, Fw = 6, 64, 32
-    gate, up, down = (torch.randn(E, Fw, D) * .1).to(dtype), (torch.randn(E, Fw, D) * .1).to(dtype), \
-        (torch.randn(E, D, Fw) * .1).to(dtype)
-    x = torch.randn(D).to(dtype)
-    ids, coef = torch.tensor([1, 4, 5]), torch.tensor([.5, .3, .2]).to(dtype).float()
-    y = torch.zeros(D)
-    kernels.moe_token(kernels.Weights(dtype, gate, D), kernels.Weights(dtype, up, D), kernels.Weights(dtype, down, Fw),
-                      ids, coef, x, y, bf16=dtype == torch.bfloat16)
-    ref = _moe_reference(x, gate, up, down, ids, coef)
-    if dtype == torch.bfloat16:  # same rounding points: equal up to summation order inside dot products
-        assert (y.to(dtype).float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
-    else:
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
-
-
-def _stacked(fmt, group, E, N, K):
-    qs = [quantize_rtn(torch.randn(N, K) * .1, get_format(fmt), group) for _ in range(E)]
-    zeros = torch.stack([q.zeros for q in qs]) if qs[0].zeros is not None else None
-    w = kernels.Weights(fmt, torch.stack([q.qweight for q in qs]), K, torch.stack([q.scales for q in qs]), zeros,
-                        qs[0].group_size)
-    return w, torch.stack([dequantize(q) for q in qs])
-
-
-@needs_kernels
-@pytest.mark.parametrize("gate_up,down", [(("int4", 128), ("int2", 64)), (("int8", None), ("int4", 128)),
-                                          (("int2", 64), ("int8", None))])
-def test_moe_token_with_down_in_another_integer_format(gate_up, down):
-    """down prepared from h by the threads that computed it, in its own format (moe.c's fuse)."""
-    torch.manual_seed(4)
-    E, D, Fw = 5, 128, 128
-    (gate, g32), (up, u32), (dn, d32) = _stacked(*gate_up, E, Fw, D), _stacked(*gate_up, E, Fw, D), \
-        _stacked(*down, E, D, Fw)
-    x = torch.randn(D).to(torch.bfloat16).float()  # bf16 values: the int16 rounding is (nearly) exact
-    ids, coef = torch.tensor([0, 2, 4]), torch.tensor([.5, .3, .2])
-    y = kernels.moe_token(gate, up, dn, ids, coef, x, torch.zeros(D), bf16=False)
-    want = _moe_reference(x, g32, u32, d32, ids, coef)
-    assert (y - want).abs().max() <= INT16_ACTIVATIONS_TOL * want.abs().max()
-    other_up, _ = _stacked("int8" if gate_up[0] != "int8" else "int4", None if gate_up[0] != "int8" else 128,
-                           E, Fw, D)
-    with pytest.raises(ValueError, match="share one format"):
-        kernels.moe_token(gate, other_up, dn, ids, coef, x, torch.zeros(D), bf16=False)
-
-
 # ---- the screened greedy head ---------------------------------------------------------------------
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -209,21 +68,6 @@ def test_greedy_head_is_the_exact_argmax(dtype):
     want = torch.argmax(F.linear(x, weight), dim=-1)
     assert torch.equal(head(x), want)
     assert dtype == torch.float32 or want[0] == 17
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_head_exact_step_is_the_first_maximum_over_many_candidates(dtype):
-    """Threads take ascending slices of the candidates; a tie across slices keeps the earlier row."""
-    torch.manual_seed(18)
-    w = torch.randn(500, 64).to(dtype)
-    w[10] *= 3
-    w[90], w[400] = w[10], w[10]  # three equal rows, the largest logits for x along them
-    x = w[10].float()
-    idx = torch.arange(0, 500, 2)  # 250 ascending candidates (parallel slices), 10, 90 and 400 among them
-    got = kernels.head_exact(kernels.Weights(dtype, w, 64), idx, x)
-    want = idx[torch.argmax(F.linear(x.to(dtype), w[idx]))]
-    assert got == int(want) == 10
 
 
 def test_greedy_head_falls_back_to_the_full_head(monkeypatch):
@@ -248,10 +92,6 @@ def test_generation_uses_the_greedy_head_only_at_temperature_zero():
 
 
 # ---- the one-call decode step ---------------------------------------------------------------------
-# Integer-kind weights meet int16-rounded activations (each element off by <= 1/32767 of its block's max,
-# tested exactly above); through a few fp32 layers that compounds to ~4e-4 of the largest value here
-# (an fp32 model; a bf16 model's activations are mostly exact in int16). A wrong code or scale is O(1).
-INT16_ACTIVATIONS_TOL = 2 ** -10
 def _decode_hidden(model, ids, prefill):
     """Prefill `prefill` tokens through the modules, then one-token steps; hidden [T-prefill, D] fp32."""
     cache = KVCache(model.config, 1, ids.shape[1] + 2, model.model.embed_tokens.weight.dtype,
@@ -433,8 +273,6 @@ def test_prefill_bf16_gemm_follows_the_cpu(monkeypatch, mode):
     want = F.linear(x, w) if mode == "native" else F.linear(x.float(), w.float()).to(torch.bfloat16)
     assert fast.native_bf16() == (mode == "native")
     assert torch.equal(fast.prefill_linear(x, w), want)
-    monkeypatch.delenv("ERNIE45_BF16_GEMM")
-    assert fast.native_bf16() == any(f in kernels.cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
 
 
 @needs_kernels
