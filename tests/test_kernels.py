@@ -170,3 +170,33 @@ def test_head_exact_step_is_the_first_maximum_over_many_candidates(dtype):
     got = kernels.head_exact(kernels.Weights(dtype, w, 64), idx, x)
     want = idx[torch.argmax(F.linear(x.to(dtype), w[idx]))]
     assert got == int(want) == 10
+
+
+@needs_kernels
+@pytest.mark.skipif(kernels.isa() == "avx2", reason="this CPU has no AVX-512 VNNI: only the AVX2 build runs here")
+def test_avx512_vnni_and_avx2_builds_agree_bit_for_bit(tmp_path):
+    """The VNNI dot products sum the same integers in the same int32 lanes as the AVX2 ones (gemv.c)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    import isa_outputs
+
+    path, script = tmp_path / "avx2.safetensors", Path(__file__).with_name("isa_outputs.py")
+    env = {**os.environ, "ERNIE45_KERNEL_ISA": "avx2"}
+    subprocess.run([sys.executable, str(script), str(path)], env=env, check=True, timeout=300)
+    avx2, here = load_file(path), isa_outputs.outputs()
+    assert avx2.keys() == here.keys()
+    for name, t in here.items():
+        assert torch.equal(t, avx2[name]), name
+
+
+def test_kernel_isa_override_is_checked(monkeypatch):
+    monkeypatch.setenv("ERNIE45_KERNEL_ISA", "sse9")
+    with pytest.raises(ValueError, match="choose one of avx2, avx512vnni"):
+        kernels.isa()
+    monkeypatch.setenv("ERNIE45_KERNEL_ISA", "avx2")
+    if {"avx2", "fma"} <= kernels.cpu_flags():
+        assert kernels.isa() == "avx2"

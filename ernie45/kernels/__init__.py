@@ -9,8 +9,8 @@ its block's largest value, exact for bf16 values near it: gemv.c's header), and 
 experts in one call.
 
 Build: `gcc -O3 -mavx2 -mfma -ffp-contract=off -fopenmp -shared decode.c` (which includes gemv.c, moe.c and
-head.c) into `$ERNIE45_KERNEL_CACHE` (default `~/.cache/ernie45/kernels`), keyed by the sources' hash; the
-library links `libgomp.so.1`, which resolves to the OpenMP runtime torch already loaded, so both share one
+head.c; plus the AVX-512 VNNI flags where the CPU has them: `isa()`) into `$ERNIE45_KERNEL_CACHE`
+(default `~/.cache/ernie45/kernels`), keyed by the sources' and flags' hash; the library links `libgomp.so.1`, which resolves to the OpenMP runtime torch already loaded, so both share one
 thread pool. No compiler, no AVX2/FMA, or
 `ERNIE45_KERNELS=0` -> `available()` is False with the reason in `unavailable_reason()`, and callers use
 their torch paths.
@@ -68,8 +68,35 @@ def _cpu_ok() -> str | None:
     return f"this CPU lacks {', '.join(missing)}" if missing else None
 
 
+ISA_FLAGS = {  # instruction set -> (CPU flags it needs, compiler flags)
+    "avx2": (("avx2", "fma"), ("-mavx2", "-mfma")),
+    # integer dot products with vpdpwssd / vpdpbusd (gemv.c's VNNI); auto-vectorised code stays 256-bit
+    "avx512vnni": (("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+                   ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+                    "-mprefer-vector-width=256")),
+}
+
+
+def isa() -> str:
+    """The instruction set the kernels are built for: the best this CPU has, or `$ERNIE45_KERNEL_ISA`.
+
+    Both builds compute bit-identical results (gemv.c's VNNI note); the override exists to compare them
+    (tests, benchmarks) and to rule one out. Asking for one the CPU lacks raises ValueError.
+    """
+    want = os.environ.get("ERNIE45_KERNEL_ISA", "")
+    if want:
+        if want not in ISA_FLAGS:
+            raise ValueError(f"ERNIE45_KERNEL_ISA={want!r}: choose one of {', '.join(ISA_FLAGS)} (or unset it)")
+        missing = [f for f in ISA_FLAGS[want][0] if f not in cpu_flags()]
+        if missing:
+            raise ValueError(f"ERNIE45_KERNEL_ISA={want}: this CPU lacks {', '.join(missing)}; unset it")
+        return want
+    return "avx512vnni" if all(f in cpu_flags() for f in ISA_FLAGS["avx512vnni"][0]) else "avx2"
+
+
 def _build() -> ctypes.CDLL:
-    src = b"".join(p.read_bytes() for p in SOURCES)
+    flags = ISA_FLAGS[isa()][1]
+    src = b"".join(p.read_bytes() for p in SOURCES) + " ".join(flags).encode()
     cache = Path(os.environ.get("ERNIE45_KERNEL_CACHE", Path.home() / ".cache" / "ernie45" / "kernels"))
     lib = cache / f"gemv-{hashlib.sha256(src).hexdigest()[:16]}.so"
     if not lib.exists():
@@ -80,7 +107,7 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         # -ffp-contract=off: a*b+c stays two roundings, as in torch's elementwise ops (decode.c)
-        cmd = [cc, "-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", str(SOURCE),
+        cmd = [cc, "-O3", *flags, "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", str(SOURCE),
                "-o", tmp, "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -110,7 +137,7 @@ def library() -> ctypes.CDLL | None:
             if _reason is None:
                 try:
                     _lib = _build()
-                except (RuntimeError, OSError) as e:
+                except (RuntimeError, OSError, ValueError) as e:
                     _reason = str(e)
     return _lib
 

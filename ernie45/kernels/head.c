@@ -13,6 +13,7 @@
 float ernie45_head_screen(const int8_t *w, long ld, const float *s, const float *absq, const int8_t *xq, float sx,
                           float l1, float half_sx, float slack, int K, int N, float *a, float *b, int threads) {
     const __m256i ones = _mm256_set1_epi16(1);
+    (void)ones;
     float floor = -INFINITY;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(max : floor)
     for (int n = 0; n < N; n++) {
@@ -22,8 +23,12 @@ float ernie45_head_screen(const int8_t *w, long ld, const float *s, const float 
             if (!(k & 63)) prefetch_ahead(row + k);
             __m256i q = _mm256_loadu_si256((const __m256i *)(row + k));
             __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k));
+#if VNNI  /* the same four products per int32 lane, without the int16 stage (never saturated: 2*127*127) */
+            acc = _mm256_dpbusd_epi32(acc, _mm256_sign_epi8(xv, xv), _mm256_sign_epi8(q, xv));
+#else
             __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(q, xv));
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+#endif
         }
         __m128i t = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
         t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
