@@ -57,6 +57,7 @@ def greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, flo
     from transformers import LogitsProcessorList
 
     clock = StepClock()
+    ids = ids.to(model.device)
     t0 = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
@@ -74,17 +75,22 @@ def measure(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = Ernie4_5_MoeForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).eval()
+    model = Ernie4_5_MoeForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).eval().to(args.device)
     load_s = time.perf_counter() - t0
+    cuda = args.device.startswith("cuda")
     vocab = model.config.vocab_size
     greedy(model, prompt(args.prompt_tokens, vocab), 2)  # warm-up: thread pool, allocator, kernels
     tokens, _, stamps = greedy(model, prompt(args.prompt_tokens, vocab), args.new_tokens)
-    long = prompt(args.prefill_tokens, vocab)
+    long = prompt(args.prefill_tokens, vocab).to(args.device)
     model(long[:, :32], logits_to_keep=1)
     prefill = []
     for _ in range(2):
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         model(long, logits_to_keep=1)
+        if cuda:
+            torch.cuda.synchronize()
         prefill.append(time.perf_counter() - t)
     throughput, decode_throughput = {}, {}
     for c in args.concurrency:
@@ -98,7 +104,8 @@ def measure(args: argparse.Namespace) -> dict:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "load_s": load_s,
             "attn_implementation": model.config._attn_implementation,
             "experts_implementation": getattr(model.config, "_experts_implementation", None),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "device": args.device,
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
 def main() -> None:
@@ -109,7 +116,8 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prefill-tokens", type=int, default=512)
-    p.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[8, 32])
+    p.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",") if c.strip()], default=[8, 32])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu_speed.py)")
     p.add_argument("--concurrent-new-tokens", type=int, default=32)
     print(json.dumps(measure(p.parse_args())))
 
