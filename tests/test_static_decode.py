@@ -7,6 +7,7 @@ that graph records, eagerly, held to the reference modules and the reference gen
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -57,12 +58,12 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(er.triton is None, reason="triton is not installed (the GPU image has it)")
+@pytest.mark.skipif(er.triton is None and not os.environ.get("CI"),
+                    reason="triton is not installed (pip install triton==3.6.0; CI installs it)")
 @pytest.mark.parametrize("fmt", ["float", "int4"])
 def test_triton_kernel_matches_reference_in_the_interpreter(fmt):
     """The Triton kernel run by Triton's CPU interpreter (set before the kernel is defined, so in a
     process of its own) against the torch gather."""
-    import os
     import subprocess
     import sys
 
