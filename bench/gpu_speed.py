@@ -125,8 +125,8 @@ def medium(args: argparse.Namespace, device: torch.device, bw: dict | None) -> d
     out["eager_decode_tok_s"] = (n - 1) / ref_rest
     out["prefill_tok_s"] = args.prefill_tokens / prefill_s(model, args.prefill_tokens, device)
     make_static(model)  # in place: the reference modules stay inside the static ones
-    dec = GraphDecoder(model, len(prompt) + n + 8, use_graph=device.type == "cuda")
-    dec.generate(prompt, 4)  # captures the graph
+    dec = GraphDecoder(model, len(prompt) + n + 8, use_graph=device.type == "cuda")  # captures the graph
+    dec.generate(prompt, 4)  # warm-up
     dec.prefill(prompt)
     rest = seconds(lambda: dec.decode(n - 1), device)
     tokens = dec.out[:n].tolist()

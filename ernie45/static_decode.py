@@ -167,7 +167,7 @@ class GraphDecoder:
     """Greedy batch-1 decode of `model` (made static with `make_static`) for prompts + new tokens <= max_len.
 
     `generate(prompt, n)` returns the n greedy tokens; the first comes from an eager prefill, each next
-    one from one replay of the captured step (CUDA) or one eager run of it (elsewhere).
+    one from one replay of the step captured at construction (CUDA) or one eager run of it (elsewhere).
     """
 
     def __init__(self, model: nn.Module, max_len: int, use_graph: bool | None = None):
@@ -180,6 +180,15 @@ class GraphDecoder:
         self.start = torch.zeros(1, dtype=torch.long, device=w.device)  # position of the first decoded token
         self.out = torch.zeros(max_len, dtype=torch.long, device=w.device)  # tokens by position - start
         self.graph = None
+        if self.use_graph:
+            if max_len < 3:
+                raise ValueError(f"max_len={max_len}: a graph decoder needs at least 3 positions")
+            # Captured now, on an empty cache: the warm-up runs write slots 0 and 1, which every prefill
+            # overwrites; later, near the end of the cache, they could run past it.
+            self.graph = capture(self.step)
+            self.tok.zero_()
+            self.pos.zero_()
+            self.cache.forget_from(0)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -206,19 +215,10 @@ class GraphDecoder:
         self.out[0] = first[0]
         return int(first)
 
-    def _ensure_graph(self) -> None:
-        if self.use_graph and self.graph is None:
-            tok, pos = self.tok.clone(), self.pos.clone()
-            self.graph = capture(self.step)
-            self.tok.copy_(tok)
-            self.pos.copy_(pos)
-            self.cache.forget_from(int(pos))
-
     def decode(self, steps: int) -> None:
         """`steps` more tokens after prefill (no host sync on CUDA until the caller reads them)."""
         if int(self.pos) + steps > self.max_len:
             raise ValueError(f"{steps} more tokens from position {int(self.pos)} exceed max_len={self.max_len}")
-        self._ensure_graph()
         for _ in range(steps):
             if self.graph is not None:
                 self.graph.replay()

@@ -159,12 +159,12 @@ def test_cuda_graph_decode_equals_eager_reference(quant):
     if quant:
         quantize_model(model, quant, "rtn", progress=False)
     prompt, n = [3, 1, 4, 1, 5, 9, 2, 6], 24
-    want = generate(model, prompt, GenerationConfig(max_new_tokens=n, stop_token_ids=()))
-    dec = GraphDecoder(make_static(model), max_len=64)
-    assert dec.use_graph
+    cfg = GenerationConfig(max_new_tokens=n, stop_token_ids=())
+    want, want_short = generate(model, prompt, cfg), generate(model, prompt[:3], cfg)  # reference modules
+    dec = GraphDecoder(make_static(model), max_len=len(prompt) + n)  # the whole cache used
+    assert dec.use_graph and dec.graph is not None
     assert dec.generate(prompt, n) == want
-    assert dec.graph is not None
-    assert dec.generate(prompt, n) == want  # a second prompt through the same graph
+    assert dec.generate(prompt[:3], n) == want_short  # another prompt through the same graph
 
 
 class _HostReads:
