@@ -83,7 +83,8 @@ def report(res: dict) -> str:
     t = res["threads"]
     lines = ["# Decode kernel throughput (ernie45/kernels/gemv.c)", "",
              f"Command: `{res['command']}`", "",
-             f"Machine: {res['cpu']}; flags {', '.join(res['cpu_features'])}; torch {res['torch']}; load average "
+             f"Machine: {res['cpu']}; flags {', '.join(res['cpu_features'])}; kernels built for {res['isa']}; "
+             f"torch {res['torch']}; load average "
              f"{res['loadavg']} at start (a shared machine: compare rows of one run, not runs).", "",
              f"| format | compute, 1 thread (G weights/s) | compute, {t} threads | stream, {t} threads (GB/s of stored "
              f"bytes) | stream / torch.sum fp32 ({res['torch_sum_gb_s']:.1f} GB/s) |", "|---|---|---|---|---|"]
@@ -109,7 +110,7 @@ def main() -> None:
 
     cpu, family, features = cpu_info()
     res = {"command": "python bench/kernel_throughput.py " + " ".join(sys.argv[1:]), "cpu": f"{cpu} ({family})",
-           "cpu_features": features, "torch": torch.__version__, "threads": args.threads,
+           "cpu_features": features, "isa": kernels.isa(), "torch": torch.__version__, "threads": args.threads,
            "stream_mb": args.stream_mb, "loadavg": [round(v, 2) for v in os.getloadavg()]}
     res.update(measure(args.threads, args.stream_mb))
     res = json.loads(json.dumps(res))  # int thread keys -> str, as in the file
