@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ernie45 import fast, fast_decode, greedy_head, kernels
 from ernie45.attention import attend, attend_gqa
@@ -262,6 +263,25 @@ def test_fast_prefill_many_rows_bf16_uses_fp32_gemm():
     got = fast.accelerate(model)(ids).float()
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["native", "fp32"])
+def test_bf16_kernel_rows_follow_the_cpu(monkeypatch, mode):
+    """With bf16 hardware torch's bf16 GEMM takes over from the kernels at fewer rows; the result of a
+    call in between (40 rows) is the reference's either way."""
+    monkeypatch.setenv("ERNIE45_BF16_GEMM", mode)
+    w = torch.randn(300, 256).to(torch.bfloat16)
+    weights = kernels.Weights(torch.bfloat16, w, 256)
+    assert fast.kernel_rows(weights) == (fast.NATIVE_BF16_KERNEL_ROWS if mode == "native" else fast.KERNEL_MAX_ROWS)
+    assert fast.kernel_rows(kernels.Weights("int8", torch.zeros(4, 256, dtype=torch.int8), 256,
+                                            torch.ones(4))) == fast.KERNEL_MAX_ROWS
+    lin = nn.Linear(256, 300, bias=False).to(torch.bfloat16)
+    lin.weight.data.copy_(w)
+    x = torch.randn(40, 256).to(torch.bfloat16)
+    want = lin(x).float()
+    got = fast.accelerate(lin)(x).float()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("mode", ["native", "fp32"])
