@@ -9,7 +9,9 @@ never loses the parts that worked):
    (static_decode.GraphDecoder: one graph replay per token), transformers' `generate` on the same
    checkpoint, prefill of 512 tokens for both, peak GPU memory, and the bandwidth roofline (planner's
    active bytes / measured read rate). Greedy tokens of the graph decode are compared with the eager
-   reference (bf16 sums in another order can flip a near-tie; `first_divergence` says where).
+   reference (bf16 sums in another order can flip a near-tie; `greedy_prefix_agreement` says where).
+   Then the same checkpoint quantized to int4: eager reference decode against the graph decode through
+   the Triton int4 kernel.
 3. `layer300b`: one decoder layer with the real 300B shapes (hidden 8192, 64 q / 8 kv heads, 64 experts
    of width 3584, top-8), every projection int4 (group 128) as `quantize_model(.., "int4")` stores it,
    random weights; batch-1 decode steps captured as a CUDA graph (kernels/expert_rows.py reads the
@@ -140,11 +142,33 @@ def medium(args: argparse.Namespace, device: torch.device, bw: dict | None) -> d
         out["roofline_tok_s"] = bw["read_gb_s"] * 1e9 / out["active_weight_bytes"]
         out["graph_decode_of_roofline"] = out["graph_decode_tok_s"] / out["roofline_tok_s"]
     del model, dec
+    out["int4"] = medium_int4(path, prompt, n, device)
     out["transformers"] = t = transformers_peer(path, args, device)
     if "decode_tok_s" in t:
         out["graph_decode_vs_transformers"] = out["graph_decode_tok_s"] / t["decode_tok_s"]
         out["transformers_matches_reference"] = t["greedy_tokens"] == ref
     return out
+
+
+def medium_int4(path: Path, prompt: list[int], n: int, device: torch.device) -> dict:
+    """The same model quantized RTN to int4 (`quantize_model(.., "int4")`): eager reference decode (each
+    QuantWeight dequantized per call) against the CUDA-graph decode through the Triton int4 kernel."""
+    from ernie45.bench import active_bytes, decode_run
+    from ernie45.quant import quantize_model
+    from ernie45.weights import load_model
+
+    model = load_model(path, dtype=torch.bfloat16).to(device)
+    quantize_model(model, "int4", "rtn", progress=False)
+    ref, _, ref_rest = decode_run(model, prompt, n)
+    make_static(model)
+    dec = GraphDecoder(model, len(prompt) + n + 8, use_graph=device.type == "cuda")
+    dec.generate(prompt, 4)
+    dec.prefill(prompt)
+    rest = seconds(lambda: dec.decode(n - 1), device)
+    tokens = dec.out[:n].tolist()
+    return {"eager_decode_tok_s": (n - 1) / ref_rest, "graph_decode_tok_s": (n - 1) / rest,
+            "greedy_matches_reference": tokens == ref, "greedy_prefix_agreement": first_divergence(tokens, ref),
+            "active_weight_bytes": active_bytes(model, "int4")}
 
 
 def transformers_peer(path: Path, args: argparse.Namespace, device: torch.device) -> dict:
@@ -299,6 +323,11 @@ def markdown(res: dict) -> str:
                   f"Greedy tokens match the eager reference: {m['greedy_matches_reference']} (first "
                   f"{m['greedy_prefix_agreement']} of {m['new_tokens']} agree). Peak GPU memory "
                   f"{fmt(m.get('peak_gpu_bytes', 0) / 2**20, 0)} MiB.", ""]
+        q = m.get("int4", {})
+        if "graph_decode_tok_s" in q:
+            lines += [f"int4 (RTN, group 128, Triton kernel): CUDA graph {fmt(q['graph_decode_tok_s'])} tok/s, eager "
+                      f"reference {fmt(q['eager_decode_tok_s'])} tok/s; greedy tokens match the eager int4 "
+                      f"reference: {q['greedy_matches_reference']} (first {q['greedy_prefix_agreement']} agree).", ""]
     L = res.get("layer300b", {})
     if "bytes_per_step" in L:
         lines += ["## One ERNIE-4.5-300B-A47B MoE layer, int4, batch-1 decode step", "",

@@ -75,6 +75,7 @@ def test_gpu_speed_smoke_runs_every_part_on_cpu(tmp_path):
     m = res["medium"]
     assert {"eager_decode_tok_s", "graph_decode_tok_s", "prefill_tok_s", "greedy_prefix_agreement"} <= set(m)
     assert len(m["greedy_tokens"]) == m["new_tokens"] and "error" not in m["transformers"]
+    assert m["int4"]["graph_decode_tok_s"] > 0 and m["int4"]["greedy_prefix_agreement"] >= 0
     assert m["transformers"]["device"] == "cpu" and m["transformers"]["decode_tok_s"] > 0
     assert res["layer300b"]["bytes_per_step"] > 0 and res["layer300b"]["extrapolated"]["tok_s"] > 0
     assert (tmp_path / "out" / "gpu_speed.md").read_text().startswith("# ernie45 on a CUDA GPU")
