@@ -28,7 +28,6 @@ graphs: the smoke test of this script (tests/test_bench_scripts.py), never a mea
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import subprocess
 import sys
@@ -41,14 +40,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from ernie45.config import ModelConfig, preset, resolve_config  # noqa: E402
-from ernie45.layers import ACTIVATIONS, RMSNorm, rope_cos_sin, rope_inv_freq  # noqa: E402
+from ernie45.layers import rope_cos_sin, rope_inv_freq  # noqa: E402
 from ernie45.model import DecoderLayer  # noqa: E402
-from ernie45.moe import MoeStatics, Router  # noqa: E402
-from ernie45.quant.formats import get_format, group_size_for, quantize_rtn  # noqa: E402
-from ernie45.quant.modules import QuantExperts, QuantLinear, QuantWeight  # noqa: E402
 from ernie45.static_decode import GraphDecoder, StaticKVCache, capture, make_static  # noqa: E402
-
-STD = 0.02
+from moe_layer_300b import _nbytes, build_layer  # noqa: E402  (this folder: the CPU 300B-layer bench)
 
 
 def sync(device: torch.device) -> None:
@@ -111,64 +106,55 @@ def prefill_s(model, n: int, device: torch.device) -> float:
     return seconds(run, device, 2)
 
 
-def medium(args: argparse.Namespace, device: torch.device, bw: dict | None) -> dict:
-    from ernie45.bench import active_bytes, decode_run
-    from ernie45.weights import load_model
+def eager_then_graph(model, prompt: list[int], n: int, device: torch.device) -> dict:
+    """Greedy decode of n tokens on the reference modules (eager), then on the same model made static
+    (in place) through GraphDecoder: speeds and whether the tokens agree."""
+    from ernie45.bench import decode_run
 
-    path = checkpoint(args)
-    model = load_model(path, dtype=torch.bfloat16).to(device)
-    prompt = list(range(100, 100 + args.prompt_tokens))
-    n = args.new_tokens
-    out: dict = {"model": str(path), "dtype": "bf16", "prompt_tokens": len(prompt), "new_tokens": n}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     decode_run(model, prompt, 4)  # warm-up
     ref, _, ref_rest = decode_run(model, prompt, n)
-    out["eager_decode_tok_s"] = (n - 1) / ref_rest
-    out["prefill_tok_s"] = args.prefill_tokens / prefill_s(model, args.prefill_tokens, device)
-    make_static(model)  # in place: the reference modules stay inside the static ones
+    make_static(model)  # the reference modules stay inside the static ones
     dec = GraphDecoder(model, len(prompt) + n + 8, use_graph=device.type == "cuda")  # captures the graph
     dec.generate(prompt, 4)  # warm-up
     dec.prefill(prompt)
     rest = seconds(lambda: dec.decode(n - 1), device)
     tokens = dec.out[:n].tolist()
-    out.update({"graph_decode_tok_s": (n - 1) / rest, "cuda_graph": dec.graph is not None,
-                "greedy_tokens": tokens, "reference_tokens": ref,
-                "greedy_matches_reference": tokens == ref, "greedy_prefix_agreement": first_divergence(tokens, ref)})
+    return {"eager_decode_tok_s": (n - 1) / ref_rest, "graph_decode_tok_s": (n - 1) / rest,
+            "cuda_graph": dec.graph is not None, "greedy_tokens": tokens, "reference_tokens": ref,
+            "greedy_matches_reference": tokens == ref, "greedy_prefix_agreement": first_divergence(tokens, ref)}
+
+
+def medium(args: argparse.Namespace, device: torch.device, bw: dict | None) -> dict:
+    from ernie45.bench import active_bytes
+    from ernie45.quant import quantize_model
+    from ernie45.weights import load_model
+
+    path = checkpoint(args)
+    prompt = list(range(100, 100 + args.prompt_tokens))
+    n = args.new_tokens
+    out: dict = {"model": str(path), "dtype": "bf16", "prompt_tokens": len(prompt), "new_tokens": n}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model = load_model(path, dtype=torch.bfloat16).to(device)
+    out["prefill_tok_s"] = args.prefill_tokens / prefill_s(model, args.prefill_tokens, device)
+    out.update(eager_then_graph(model, prompt, n, device))
     if device.type == "cuda":
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     out["active_weight_bytes"] = active_bytes(model, "bf16")
     if bw:
         out["roofline_tok_s"] = bw["read_gb_s"] * 1e9 / out["active_weight_bytes"]
         out["graph_decode_of_roofline"] = out["graph_decode_tok_s"] / out["roofline_tok_s"]
-    del model, dec
-    out["int4"] = medium_int4(path, prompt, n, device)
+    # the same checkpoint quantized RTN to int4: the eager reference dequantizes each QuantWeight per
+    # call, the graph reads the codes through the Triton int4 kernel
+    model = load_model(path, dtype=torch.bfloat16).to(device)
+    quantize_model(model, "int4", "rtn", progress=False)
+    out["int4"] = {**eager_then_graph(model, prompt, n, device), "active_weight_bytes": active_bytes(model, "int4")}
+    del model
     out["transformers"] = t = transformers_peer(path, args, device)
     if "decode_tok_s" in t:
         out["graph_decode_vs_transformers"] = out["graph_decode_tok_s"] / t["decode_tok_s"]
-        out["transformers_matches_reference"] = t["greedy_tokens"] == ref
+        out["transformers_matches_reference"] = t["greedy_tokens"] == out["reference_tokens"]
     return out
-
-
-def medium_int4(path: Path, prompt: list[int], n: int, device: torch.device) -> dict:
-    """The same model quantized RTN to int4 (`quantize_model(.., "int4")`): eager reference decode (each
-    QuantWeight dequantized per call) against the CUDA-graph decode through the Triton int4 kernel."""
-    from ernie45.bench import active_bytes, decode_run
-    from ernie45.quant import quantize_model
-    from ernie45.weights import load_model
-
-    model = load_model(path, dtype=torch.bfloat16).to(device)
-    quantize_model(model, "int4", "rtn", progress=False)
-    ref, _, ref_rest = decode_run(model, prompt, n)
-    make_static(model)
-    dec = GraphDecoder(model, len(prompt) + n + 8, use_graph=device.type == "cuda")
-    dec.generate(prompt, 4)
-    dec.prefill(prompt)
-    rest = seconds(lambda: dec.decode(n - 1), device)
-    tokens = dec.out[:n].tolist()
-    return {"eager_decode_tok_s": (n - 1) / ref_rest, "graph_decode_tok_s": (n - 1) / rest,
-            "greedy_matches_reference": tokens == ref, "greedy_prefix_agreement": first_divergence(tokens, ref),
-            "active_weight_bytes": active_bytes(model, "int4")}
 
 
 def transformers_peer(path: Path, args: argparse.Namespace, device: torch.device) -> dict:
@@ -183,59 +169,14 @@ def transformers_peer(path: Path, args: argparse.Namespace, device: torch.device
 
 
 # ---- 3. one real-size 300B layer at int4 ---------------------------------------------------------
-def int4_linear(N: int, K: int, device: torch.device, gen: torch.Generator) -> QuantLinear:
-    w = torch.randn(N, K, device=device, generator=gen) * STD
-    return QuantLinear.from_quantized(quantize_rtn(w, get_format("int4")))
-
-
-def int4_experts(E: int, N: int, K: int, device: torch.device, gen: torch.Generator) -> QuantWeight:
-    """E stacked int4 [N, K] weights, each drawn and quantized on the device before the next."""
-    fmt = get_format("int4")
-    stacked = QuantWeight("int4", N, K, group_size_for(fmt, K), lead=(E,), device=device)
-    for e in range(E):
-        q = quantize_rtn(torch.randn(N, K, device=device, generator=gen) * STD, fmt)
-        for name, t in q.tensors().items():
-            getattr(stacked, name).data[e].copy_(t)
-    return stacked
-
-
-def build_layer(cfg: ModelConfig, device: torch.device, seed: int) -> DecoderLayer:
-    """The production DecoderLayer with every projection int4, on `device`."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    D, F_, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.moe_num_experts
-    with torch.device("meta"):
-        layer = DecoderLayer(cfg, 0, moe=True)
-    with torch.device(device):
-        layer.input_layernorm = RMSNorm(D, cfg.rms_norm_eps)
-        layer.post_attention_layernorm = RMSNorm(D, cfg.rms_norm_eps)
-        mlp = layer.mlp
-        mlp.gate, mlp.moe_statics = Router(cfg), MoeStatics(cfg)
-    with torch.no_grad():
-        mlp.gate.weight.normal_(0, STD, generator=gen)
-        mlp.moe_statics.e_score_correction_bias.normal_(0, 1e-3, generator=gen)
-    a = layer.self_attn
-    a.q_proj, a.k_proj = int4_linear(cfg.q_dim, D, device, gen), int4_linear(cfg.kv_dim, D, device, gen)
-    a.v_proj, a.o_proj = int4_linear(cfg.kv_dim, D, device, gen), int4_linear(D, cfg.q_dim, device, gen)
-    mlp.experts = QuantExperts(int4_experts(E, F_, D, device, gen), int4_experts(E, F_, D, device, gen),
-                               int4_experts(E, D, F_, device, gen), ACTIVATIONS[cfg.hidden_act])
-    assert not [n for n, p in layer.named_parameters() if p.is_meta]
-    for norm in (layer.input_layernorm, layer.post_attention_layernorm):  # the router stays fp32
-        norm.to(torch.bfloat16)
-    return layer.eval()
-
-
-def nbytes(*ts: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in ts)
-
-
 def step_bytes(layer: DecoderLayer, cfg: ModelConfig, context: int) -> int:
     """Bytes a decode step reads: int4 attention + top-k experts' codes/scales/zeros + router + K/V."""
-    attn = sum(nbytes(m.qweight, m.scales, m.zeros) for m in
+    attn = sum(_nbytes(m.qweight, m.scales, m.zeros) for m in
                (getattr(layer.self_attn, n).inner for n in ("q_proj", "k_proj", "v_proj", "o_proj")))
     ex = layer.mlp.experts.inner
-    one = sum(nbytes(p.qweight[0], p.scales[0], p.zeros[0]) for p in (ex.gate_proj, ex.up_proj, ex.down_proj))
+    one = sum(_nbytes(p.qweight[0], p.scales[0], p.zeros[0]) for p in (ex.gate_proj, ex.up_proj, ex.down_proj))
     kv = 2 * context * cfg.kv_dim * layer.input_layernorm.weight.element_size()
-    return attn + cfg.moe_k * one + nbytes(layer.mlp.gate.weight) + kv
+    return attn + cfg.moe_k * one + _nbytes(layer.mlp.gate.weight) + kv
 
 
 @torch.no_grad()
@@ -243,7 +184,9 @@ def layer300b(args: argparse.Namespace, device: torch.device, bw: dict | None) -
     cfg = resolve_config("mini-300B-A47B") if args.quick else preset("ERNIE-4.5-300B-A47B")
     dtype = torch.bfloat16
     t0 = time.perf_counter()
-    layer = build_layer(cfg, device, args.seed)
+    layer = build_layer(cfg, "int4", args.seed, device)  # bench/moe_layer_300b.py's, on the GPU
+    for norm in (layer.input_layernorm, layer.post_attention_layernorm):  # bf16 activations; router fp32
+        norm.to(dtype)
     build_s = time.perf_counter() - t0
     make_static(layer)
     ctx, steps = args.context, args.steps
@@ -273,9 +216,7 @@ def layer300b(args: argparse.Namespace, device: torch.device, bw: dict | None) -
     eager = seconds(lambda: steps_run(steps, step), device) / steps
     out["eager_ms_per_step"] = eager * 1e3
     if device.type == "cuda":
-        graph = capture(step)
-        cache.forget_from(ctx)
-        cache.slot_pos[0][:, :ctx] = torch.arange(ctx, device=device)
+        graph = capture(step)  # its warm-up steps wrote slot ctx, which every replay rewrites
         per = seconds(lambda: steps_run(steps, graph.replay), device, 3) / steps
         out["graph_ms_per_step"] = per * 1e3
     else:

@@ -62,13 +62,14 @@ WARMUP = 3
 
 
 # ---- building the layer (worker process) ---------------------------------------------------------
-def quantized_experts(E: int, N: int, K: int, fmt: str, gen: torch.Generator | None, label: str) -> QuantWeight:
-    """E stacked [N, K] weights, each drawn in fp32, quantized RTN and stored before the next is drawn.
-    gen None: the stored tensors left empty (to be filled from the layer cache)."""
+def quantized_experts(E: int, N: int, K: int, fmt: str, gen: torch.Generator | None, label: str,
+                      device: str | torch.device = "cpu") -> QuantWeight:
+    """E stacked [N, K] weights, each drawn in fp32, quantized RTN and stored before the next is drawn, on
+    `device` (gen must live there). gen None: the stored tensors left empty (to be filled from the layer cache)."""
     group = group_size_for(get_format(fmt), K)
-    stacked = QuantWeight(fmt, N, K, group, lead=(E,))  # the stored tensors, allocated once: [E, N, ?]
+    stacked = QuantWeight(fmt, N, K, group, lead=(E,), device=device)  # allocated once: [E, N, ?]
     for e in range(E if gen is not None else 0):
-        q = quantize_rtn(torch.randn(N, K, generator=gen) * STD, get_format(fmt), group)
+        q = quantize_rtn(torch.randn(N, K, generator=gen, device=device) * STD, get_format(fmt), group)
         for name, t in q.tensors().items():
             getattr(stacked, name).data[e].copy_(t)
         if e % 16 == 15:
@@ -76,33 +77,37 @@ def quantized_experts(E: int, N: int, K: int, fmt: str, gen: torch.Generator | N
     return stacked
 
 
-def quantized_linear(N: int, K: int, fmt: str, gen: torch.Generator | None) -> QuantLinear:
+def quantized_linear(N: int, K: int, fmt: str, gen: torch.Generator | None,
+                     device: str | torch.device = "cpu") -> QuantLinear:
     if gen is None:
-        return QuantLinear(K, N, fmt)
-    return QuantLinear.from_quantized(quantize_rtn(torch.randn(N, K, generator=gen) * STD, get_format(fmt)))
+        return QuantLinear(K, N, fmt, device=device)
+    w = torch.randn(N, K, generator=gen, device=device) * STD
+    return QuantLinear.from_quantized(quantize_rtn(w, get_format(fmt)))
 
 
-def build_layer(cfg: ModelConfig, fmt: str, seed: int | None) -> DecoderLayer:
-    """The production DecoderLayer, built on meta, every module then replaced by a real (quantized) one.
-    seed None: the same modules with empty stored tensors, for `load_layer` to fill."""
-    gen = None if seed is None else torch.Generator().manual_seed(seed)
+def build_layer(cfg: ModelConfig, fmt: str, seed: int | None, device: str | torch.device = "cpu") -> DecoderLayer:
+    """The production DecoderLayer, built on meta, every module then replaced by a real (quantized) one on
+    `device` (bench/gpu_speed.py builds it on a GPU). seed None: the same modules with empty stored
+    tensors, for `load_layer` to fill."""
+    gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     D, F_, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.moe_num_experts
     with torch.device("meta"):
         layer = DecoderLayer(cfg, 0, moe=True)
-    layer.input_layernorm = RMSNorm(D, cfg.rms_norm_eps)
-    layer.post_attention_layernorm = RMSNorm(D, cfg.rms_norm_eps)
-    attn = layer.self_attn
-    attn.q_proj, attn.k_proj = quantized_linear(cfg.q_dim, D, fmt, gen), quantized_linear(cfg.kv_dim, D, fmt, gen)
-    attn.v_proj, attn.o_proj = quantized_linear(cfg.kv_dim, D, fmt, gen), quantized_linear(D, cfg.q_dim, fmt, gen)
-    mlp = layer.mlp
-    mlp.gate, mlp.moe_statics = Router(cfg), MoeStatics(cfg)
+    with torch.device(device):
+        layer.input_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+        layer.post_attention_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+        layer.mlp.gate, layer.mlp.moe_statics = Router(cfg), MoeStatics(cfg)
+    attn, mlp = layer.self_attn, layer.mlp
+    q_lin = lambda n, k: quantized_linear(n, k, fmt, gen, device)  # noqa: E731
+    attn.q_proj, attn.k_proj = q_lin(cfg.q_dim, D), q_lin(cfg.kv_dim, D)
+    attn.v_proj, attn.o_proj = q_lin(cfg.kv_dim, D), q_lin(D, cfg.q_dim)
     if gen is not None:
         with torch.no_grad():
             mlp.gate.weight.normal_(0, STD, generator=gen)
             mlp.moe_statics.e_score_correction_bias.normal_(0, 1e-3, generator=gen)
-    mlp.experts = QuantExperts(quantized_experts(E, F_, D, fmt, gen, "gate_proj"),
-                               quantized_experts(E, F_, D, fmt, gen, "up_proj"),
-                               quantized_experts(E, D, F_, fmt, gen, "down_proj"), ACTIVATIONS[cfg.hidden_act])
+    mlp.experts = QuantExperts(quantized_experts(E, F_, D, fmt, gen, "gate_proj", device),
+                               quantized_experts(E, F_, D, fmt, gen, "up_proj", device),
+                               quantized_experts(E, D, F_, fmt, gen, "down_proj", device), ACTIVATIONS[cfg.hidden_act])
     leftover = [n for n, p in layer.named_parameters() if p.is_meta]
     assert not leftover, f"still on meta: {leftover}"
     return layer.eval()

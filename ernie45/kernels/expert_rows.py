@@ -39,11 +39,11 @@ def expert_rows_reference(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, s
     """x [P, K], ids [P] -> [P, N] in x.dtype, by gathering the P selected experts (a copy of each)."""
     if scales is None:
         sel = w[ids].to(x.dtype)  # [P, N, K]
-    else:
-        codes = torch.stack([w[ids] & 15, w[ids] >> 4], dim=-1).flatten(-2)  # [P, N, K]: low nibble first
-        centred = (codes.to(torch.int8) - 8).unflatten(-1, (-1, group))  # [P, N, G, g]
-        sel = torch.addcmul(zeros[ids].float()[..., None], centred, scales[ids].float()[..., None])
-        sel = sel.flatten(-2).to(x.dtype)
+    else:  # the stored format's own dequantize on the gathered experts (fp32), rounded to x's dtype
+        from ..quant.formats import QuantizedWeight, dequantize, get_format
+
+        K = x.shape[-1]
+        sel = dequantize(QuantizedWeight(get_format("int4"), group, K, w[ids], scales[ids], zeros[ids])).to(x.dtype)
     return torch.einsum("pnk,pk->pn", sel.float(), x.float()).to(x.dtype)
 
 
