@@ -41,11 +41,6 @@ def weights(fmt: str, group: int | None, rows: int) -> kernels.Weights:
     return kernels.Weights(fmt, cat("qweight"), K, cat("scales"), zeros, parts[0].group_size)
 
 
-def stored_bytes(w: kernels.Weights) -> int:
-    extra = sum(t.numel() * t.element_size() for t in (w.scales, w.zeros) if t is not None)
-    return w.data.numel() * w.data.element_size() + extra
-
-
 def best_seconds(fn, calls: int) -> float:
     fn()
     best = float("inf")
@@ -67,11 +62,11 @@ def measure(threads: int, stream_mb: int) -> dict:
             torch.set_num_threads(t)
             compute[t] = 4096 * K / best_seconds(lambda: kernels.gemv(small, x), 200) / 1e9
         torch.set_num_threads(threads)
-        per_row = stored_bytes(small) / 4096
+        per_row = small.nbytes / 4096
         big = weights(fmt, group, int(stream_mb * 1e6 / per_row))
-        stream = stored_bytes(big) / best_seconds(lambda w=big: kernels.gemv(w, x), 5) / 1e9
+        stream = big.nbytes / best_seconds(lambda w=big: kernels.gemv(w, x), 5) / 1e9
         rows[fmt if group is None else f"{fmt} g{group}"] = {"compute_g_weights_s": compute, "stream_gb_s": stream,
-                                                              "stream_bytes": stored_bytes(big)}
+                                                              "stream_bytes": big.nbytes}
         del big
     torch.set_num_threads(threads)
     ones = torch.ones(int(stream_mb * 1e6) // 4)

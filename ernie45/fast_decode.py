@@ -156,8 +156,10 @@ class Decoder:
             self.layers[i].kcache, self.layers[i].vcache = k.data_ptr(), v.data_ptr()
         self._bound = cache
 
-    def step(self, token: int, pos: int, cache: KVCache) -> torch.Tensor:
-        """Token id at position `pos` -> last layer output before the final norm [1, 1, D]."""
+    def step(self, token: int, pos: int, cache: KVCache, prof: torch.Tensor | None = None) -> torch.Tensor:
+        """Token id at position `pos` -> last layer output before the final norm [1, 1, D].
+
+        prof: optional float64 [len(kernels.DECODE_PHASES)] that each phase's seconds are added to."""
         if pos >= cache.max_len:
             raise ValueError(f"position {pos} is beyond this cache's {cache.max_len} slots; "
                              "allocate the cache with max_len >= prompt + new tokens")
@@ -167,7 +169,7 @@ class Decoder:
         cos, sin = self._rope(pos)
         width = max(cfg.hidden_size, self.max_f, cfg.q_dim)  # decode.c's W: the widest matmul input
         scratch = torch.empty(8 * width + 2 * cfg.q_dim + 2 * cfg.kv_dim + 512 + cfg.num_attention_heads * (pos + 1))
-        kernels.decode(ctypes.byref(self.model_t), self.layers, x, pos, cos, sin, scratch)
+        kernels.decode(ctypes.byref(self.model_t), self.layers, x, pos, cos, sin, scratch, prof)
         cache.slot_pos[: cfg.num_hidden_layers, 0, pos] = pos
         cache.length = max(cache.length, pos + 1)
         return x.to(self.dtype).view(1, 1, -1)

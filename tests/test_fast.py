@@ -145,6 +145,23 @@ def test_decode_step_rope_table_equals_per_position_values():
         assert torch.equal(got[0], cos[0, 0]) and torch.equal(got[1], sin[0, 0])
 
 
+@needs_kernels
+def test_decode_step_phase_clock_times_the_phases_without_changing_the_result():
+    model = fast.accelerate(tiny_model(seed=17))  # layer 0 dense, layers 1-2 routed + shared experts
+    dec, cfg = model.model._decoder, model.config
+    outs = []
+    for prof in (None, torch.zeros(len(kernels.DECODE_PHASES), dtype=torch.float64)):
+        cache = KVCache(cfg, 1, 8, torch.float32, num_layers=cfg.num_hidden_layers)
+        with torch.no_grad():
+            outs.append(torch.cat([dec.step(t, t, cache, prof) for t in range(4)]))
+    assert torch.equal(outs[0], outs[1])
+    times = dict(zip(kernels.DECODE_PHASES, prof.tolist()))
+    assert all(v > 0 for v in times.values()), times  # every phase of this model ran and was timed
+    with pytest.raises(ValueError, match="float64"):
+        kernels.decode(None, None, torch.zeros(1), 0, torch.zeros(1), torch.zeros(1), torch.zeros(1),
+                       torch.zeros(len(kernels.DECODE_PHASES)))
+
+
 def test_decode_step_refuses_what_it_cannot_run():
     model = tiny_model(seed=13, moe_intermediate_size=24)  # expert width 24: not a multiple of 16
     fast.accelerate(model)

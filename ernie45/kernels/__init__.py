@@ -118,6 +118,8 @@ def _build() -> ctypes.CDLL:
     handle.ernie45_gemv.restype = None
     handle.ernie45_moe_token.restype = None
     handle.ernie45_decode.restype = None
+    if handle.ernie45_decode_phases() != len(DECODE_PHASES):
+        raise RuntimeError("decode.c's phases and kernels.DECODE_PHASES disagree")
     handle.ernie45_head_screen.restype = ctypes.c_float
     handle.ernie45_head_candidates.restype = ctypes.c_long
     handle.ernie45_head_exact.restype = ctypes.c_long
@@ -175,6 +177,11 @@ class Weights:
     @property
     def packed(self) -> bool:
         return self.kind >= 3
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored for these rows (codes, scales and zeros as the kernels read them)."""
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scales, self.zeros) if t is not None)
 
     @property
     def integer(self) -> bool:
@@ -283,11 +290,20 @@ def moe_token(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, coef
     return y
 
 
+DECODE_PHASES = ("norm_qkv", "rope_kv_write", "attention", "o_proj_norm", "router", "experts_gate_up",
+                 "experts_down", "shared_gate_up", "shared_down", "dense_gate_up", "dense_down", "residual")
+
+
 def decode(model_t, layers, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor,
-           scratch: torch.Tensor) -> None:
-    """One token through every layer described by `layers` (fast_decode.py builds them); x [D] in place."""
+           scratch: torch.Tensor, prof: torch.Tensor | None = None) -> None:
+    """One token through every layer described by `layers` (fast_decode.py builds them); x [D] in place.
+
+    prof: float64 [len(DECODE_PHASES)] or None; when given, each phase's wall seconds (summed over layers,
+    as thread 0 sees them between barriers) are added to it."""
+    if prof is not None and (prof.dtype != torch.float64 or prof.numel() != len(DECODE_PHASES)):
+        raise ValueError(f"prof must be float64 [{len(DECODE_PHASES)}] (kernels.DECODE_PHASES)")
     _require().ernie45_decode(model_t, layers, _ptr(x), int(pos), _ptr(cos), _ptr(sin), _ptr(scratch),
-                              torch.get_num_threads())
+                              torch.get_num_threads(), None if prof is None else _ptr(prof))
 
 
 def head_screen(q: torch.Tensor, scale: torch.Tensor, abs_q: torch.Tensor, xq: torch.Tensor, sx: float,

@@ -196,8 +196,14 @@ static void route(const model_t *m, const layer_t *L, float *logits, long *ids, 
 
 /* x [D] (the residual stream, values of the activation dtype) -> after every trunk layer, in place.
  * scratch floats: 6*D + 2*Nq*Dh + 2*Nkv*Dh + Nq*(pos+1) + max_f + 2*max(D, max_f, Nq*Dh) + 4*64. */
+/* Phases of the step that `prof` (when not NULL) accumulates seconds into, summed over layers. */
+enum { P_NORM_QKV, P_ROPE_KV, P_ATTEND, P_O_NORM, P_ROUTER, P_EXPERTS_GU, P_EXPERTS_DOWN, P_SHARED_GU,
+       P_SHARED_DOWN, P_DENSE_GU, P_DENSE_DOWN, P_RESIDUAL, P_COUNT };
+
+int ernie45_decode_phases(void) { return P_COUNT; }
+
 void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, const float *cs, const float *sn,
-                    float *scratch, int threads) {
+                    float *scratch, int threads, double *prof) {
     const int D = m->D, qd = m->Nq * m->Dh, kd = m->Nkv * m->Dh;
     const int W = D > m->max_f ? (D > qd ? D : qd) : (m->max_f > qd ? m->max_f : qd);  /* widest input */
     float *h = scratch, *q = h + D, *k = q + qd, *v = k + kd, *att = v + kd, *o = att + qd, *y = o + D;
@@ -206,12 +212,14 @@ void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, 
     float *sc = (float *)(ids + 64);
     const float one = 1.f;
     const long zero_id = 0;
+    phase_clock clock = {prof, omp_get_wtime()}, *ck = prof ? &clock : NULL;  /* thread 0 marks */
 #pragma omp parallel num_threads(threads)
     for (int l = 0; l < m->layers; l++) {
         const layer_t *L = &layers[l];
 #pragma omp single
         rms_norm(m, L->in_norm, x, h);
         qkv(m, L, h, q, xp, xs);  /* k = q + qd, v = k + kd */
+        mark(ck, P_NORM_QKV);
 #pragma omp single
         {
             rope(m, q, m->Nq, cs, sn);
@@ -221,8 +229,10 @@ void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, 
                 store_act(m->bf16, L->vcache, (long)pos * kd + i, v[i]);
             }
         }
+        mark(ck, P_ROPE_KV);
 #pragma omp for schedule(static)
         for (int j = 0; j < m->Nq; j++) attend_head(m, L, q, j, pos, sc + (long)j * (pos + 1), att);
+        mark(ck, P_ATTEND);
         linear(m, &L->o, att, qd, D, o, xp, xs);
 #pragma omp single
         {
@@ -230,21 +240,24 @@ void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, 
             rms_norm(m, L->post_norm, x, h);
             for (int i = 0; i < D; i++) y[i] = 0.f;
         }
+        mark(ck, P_O_NORM);
         if (L->moe) {
 #pragma omp for schedule(static)
             for (int e = 0; e < L->E; e++) lg[e] = dot_act(0, h, L->router, (long)e * D, D);
 #pragma omp single
             route(m, L, lg, ids, coef);
+            mark(ck, P_ROUTER);
             experts_into(m->bf16, &L->gate, &L->up, &L->down, L->w_stride_gu, L->s_stride_gu, L->w_stride_d,
-                         L->s_stride_d, ids, coef, L->topk, h, D, L->F, y, hh, xp, xs);
+                         L->s_stride_d, ids, coef, L->topk, h, D, L->F, y, hh, xp, xs, ck, P_EXPERTS_GU);
             if (L->shared)
                 experts_into(m->bf16, &L->sgate, &L->sup, &L->sdown, 0, 0, 0, 0, &zero_id, &one, 1, h, D, L->Fs, y,
-                             hh, xp, xs);
+                             hh, xp, xs, ck, P_SHARED_GU);
         } else {
             experts_into(m->bf16, &L->gate, &L->up, &L->down, 0, 0, 0, 0, &zero_id, &one, 1, h, D, L->F, y, hh,
-                         xp, xs);
+                         xp, xs, ck, P_DENSE_GU);
         }
 #pragma omp single
         for (int i = 0; i < D; i++) x[i] = rnd(m->bf16, x[i] + y[i]);
+        mark(ck, P_RESIDUAL);
     }
 }

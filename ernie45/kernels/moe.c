@@ -4,6 +4,21 @@
  * decode.c includes gemv.c, then this file, then head.c. Shapes: D hidden, F expert width.
  */
 
+/* Where one decode step's wall time goes (ernie45_decode with a non-NULL `acc`): thread 0 adds the time since
+ * its last mark to acc[phase] right after each work-shared construct, whose closing barrier makes that the
+ * phase's wall time for every thread. Off (acc NULL) it costs one test per mark. */
+typedef struct {
+    double *acc;
+    double t;
+} phase_clock;
+
+static inline void mark(phase_clock *c, int phase) {
+    if (!c || !c->acc || omp_get_thread_num()) return;
+    const double t = omp_get_wtime();
+    c->acc[phase] += t - c->t;
+    c->t = t;
+}
+
 static wview at_expert(const wview *v, long e, long w_stride, long s_stride) {
     wview r = *v;
     r.w = (const char *)v->w + e * w_stride;
@@ -36,7 +51,8 @@ static inline void rows_at(const wview *v, long r, int R, const float *x, const 
  * with the torch modules' bf16 rounding points when bf16 != 0 (see ernie45_moe_token). */
 static void experts_into(int bf16, const wview *gate, const wview *up, const wview *down, long w_stride_gu,
                          long s_stride_gu, long w_stride_d, long s_stride_d, const long *ids, const float *coef,
-                         int n, const float *x, int D, int F, float *y, float *h, float *xp, float *xs) {
+                         int n, const float *x, int D, int F, float *y, float *h, float *xp, float *xs,
+                         phase_clock *clock, int phase) {
     float *xp2 = (float *)((int16_t *)xp + D), *xs2 = xs + 2 * act_blocks(gate, D);  /* behind x's row */
     /* gate and up share one format (the callers check; the stride arguments assume it), so x is prepared
      * once for both and every expert. The thread that computes a block of h also prepares it for down
@@ -65,12 +81,14 @@ static void experts_into(int bf16, const wview *gate, const wview *up, const wvi
             if (fuse) prep_block(&d, h, F, hb, (int16_t *)xp2, xs2);
         }
         if (!fuse) prep_act(&d, h, 1, F, xp2, xs2);
+        mark(clock, phase);  /* gate and up (with h prepared for down) */
 #pragma omp for schedule(static)
         for (int r = 0; r < D; r++) {  /* y += coef * down_e h, row by row: each y[r] has one owner */
             float t;
             rows_at(&d, r, 1, h, xp2, xs2, F, &t);
             y[r] = bf16 ? round_bf16(y[r] + round_bf16(coef[i] * round_bf16(t))) : y[r] + coef[i] * t;
         }
+        mark(clock, phase + 1);  /* down */
     }
 }
 
@@ -92,7 +110,7 @@ void ernie45_moe_token(const wview *gate, const wview *up, const wview *down, lo
                        int bf16, int threads) {
 #pragma omp parallel num_threads(threads)
     experts_into(bf16, gate, up, down, w_stride_gu, s_stride_gu, w_stride_d, s_stride_d, ids, coef, n, x, D, F, y,
-                 h, xp, xs);
+                 h, xp, xs, NULL, 0);
 }
 
 /* Several tokens through their experts: pairs p (sorted by expert, then token) of (ids[p], tok[p], coef[p]).
