@@ -44,7 +44,8 @@ class LayerT(ctypes.Structure):
 
 class ModelT(ctypes.Structure):
     _fields_ = [("D", ctypes.c_int), ("Nq", ctypes.c_int), ("Nkv", ctypes.c_int), ("Dh", ctypes.c_int),
-                ("layers", ctypes.c_int), ("bf16", ctypes.c_int), ("max_f", ctypes.c_int), ("eps", ctypes.c_float),
+                ("layers", ctypes.c_int), ("bf16", ctypes.c_int), ("max_f", ctypes.c_int), ("max_h", ctypes.c_int),
+                ("eps", ctypes.c_float),
                 ("norm_min", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
@@ -78,13 +79,14 @@ class Decoder:
             raise Unsupported("forward hooks (a parallel plan) are installed")
         self.cfg, self.dtype, self.keep = cfg, dtype, []
         self.layers = (LayerT * cfg.num_hidden_layers)()
-        max_f = 0
+        max_f = max_h = 0
         for i, layer in enumerate(model.layers):
-            max_f = max(max_f, self._fill(self.layers[i], layer))
+            f, h = self._fill(self.layers[i], layer)
+            max_f, max_h = max(max_f, f), max(max_h, h)
         self.model_t = ModelT(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                              cfg.num_hidden_layers, int(dtype == torch.bfloat16), max_f, cfg.rms_norm_eps,
+                              cfg.num_hidden_layers, int(dtype == torch.bfloat16), max_f, max_h, cfg.rms_norm_eps,
                               cfg.moe_norm_min, cfg.head_dim ** -0.5)
-        self.max_f = max_f
+        self.max_f, self.max_h = max_f, max_h
         self.inv_freq = model.inv_freq
         self.embed = model.embed_tokens.weight
         self._bound: KVCache | None = None
@@ -100,7 +102,8 @@ class Decoder:
             raise Unsupported("norm weights in another dtype than the activations")
         return norm.weight.data_ptr()
 
-    def _fill(self, t: LayerT, layer: nn.Module) -> int:
+    def _fill(self, t: LayerT, layer: nn.Module) -> tuple[int, int]:
+        """Describe one layer; returns (widest MLP input, MLP hidden floats of one token)."""
         attn = layer.self_attn
         t.q, t.k, t.v, t.o = (self._view(getattr(attn, n)).view for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
         t.in_norm, t.post_norm = self._norm(layer.input_layernorm), self._norm(layer.post_attention_layernorm)
@@ -109,7 +112,7 @@ class Decoder:
             t.moe = 0
             t.gate, t.up, t.down = (self._view(getattr(mlp, n)).view for n in ("gate_proj", "up_proj", "down_proj"))
             t.F = self.keep[-3].out_features
-            return t.F
+            return t.F, t.F
         if not isinstance(mlp, SparseMoeBlock) or type(mlp.experts) not in _EXPERT_TYPES:
             raise Unsupported(f"MLP {type(mlp).__name__} with {type(getattr(mlp, 'experts', None)).__name__}")
         ex = mlp.experts
@@ -132,7 +135,7 @@ class Decoder:
             t.shared = 1
             t.sgate, t.sup, t.sdown = (self._view(getattr(sh, n)).view for n in ("gate_proj", "up_proj", "down_proj"))
             t.Fs = self.keep[-3].out_features
-        return max(t.F, t.Fs)
+        return max(t.F, t.Fs), max(t.topk * t.F, t.Fs)  # every routed expert's h at once (moe.c)
 
     def _rope(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [Dh] fp32 of one position, from a table of ROPE_TABLE positions computed by
@@ -168,7 +171,8 @@ class Decoder:
         x = self.embed[token].to(torch.float32, copy=True)  # [D]; the kernel updates it in place
         cos, sin = self._rope(pos)
         width = max(cfg.hidden_size, self.max_f, cfg.q_dim)  # decode.c's W: the widest matmul input
-        scratch = torch.empty(8 * width + 2 * cfg.q_dim + 2 * cfg.kv_dim + 512 + cfg.num_attention_heads * (pos + 1))
+        scratch = torch.empty(8 * width + 3 * self.max_h + 2 * cfg.q_dim + 2 * cfg.kv_dim + 512
+                              + cfg.num_attention_heads * (pos + 1))
         kernels.decode(ctypes.byref(self.model_t), self.layers, x, pos, cos, sin, scratch, prof)
         cache.slot_pos[: cfg.num_hidden_layers, 0, pos] = pos
         cache.length = max(cache.length, pos + 1)

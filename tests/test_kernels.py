@@ -96,6 +96,23 @@ def test_gemv_integer_kinds_are_exact_on_bf16_activations_near_the_block_max():
         torch.testing.assert_close(kernels.gemv(weights, x), x @ dequantize(qw).T, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("group", [64, 128, 256])
+def test_int4_rows_give_the_same_bits_alone_and_in_pairs(group):
+    """Rows go through the int4 kernel in pairs that share the loads of x: row 1 of W is paired with row 0,
+    row 1 of W[1:] with row 2, and W's last row (odd count) runs alone; every row must get the same bits."""
+    torch.manual_seed(5)
+    K = 512
+    qw = quantize_rtn(torch.randn(5, K), get_format("int4"), group)
+    x = torch.randn(3, K)
+    whole = kernels.gemv(_quant_weights(qw, K), x)
+    tail = kernels.Weights("int4", qw.qweight[1:], K, qw.scales[1:], qw.zeros[1:], qw.group_size)
+    single = [kernels.gemv(kernels.Weights("int4", qw.qweight[n:n + 1], K, qw.scales[n:n + 1],
+                                           qw.zeros[n:n + 1], qw.group_size), x) for n in range(5)]
+    assert torch.equal(whole[:, 1:], kernels.gemv(tail, x))
+    assert torch.equal(whole, torch.cat(single, 1))
+
+
 def test_packed_groups_that_split_a_16_byte_chunk_take_the_torch_path():
     assert kernels.supports("int4", 256, 32) and not kernels.supports("int4", 256, 16)
     assert kernels.supports("int2", 256, 64) and not kernels.supports("int2", 256, 32)

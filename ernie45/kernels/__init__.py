@@ -278,8 +278,9 @@ def moe_token(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, coef
     x = x.float().contiguous()
     ids, coef = ids.to(torch.long).contiguous(), coef.float().contiguous()
     D, F = x.shape[-1], gate.out_features
-    h = torch.empty(F)
-    width = max(D, F)
+    n = int(ids.numel())
+    h = torch.empty(max(n, 1) * F)  # every expert's hidden row (moe.c's experts_into)
+    width = max(D, F) + n * F
     xp, xs = torch.empty(width), torch.empty(width)
     wgu, sgu = gate.expert_strides()
     wd, sd = down.expert_strides()

@@ -27,11 +27,18 @@ static wview at_expert(const wview *v, long e, long w_stride, long s_stride) {
     return r;
 }
 
+#define PAIR_MAX_K 512  /* longer int4 rows stream faster one at a time (bench/decode_profile.py, Zen 3) */
+
 /* out[0..R) = rows r..r+R-1 (R <= 4) of W x, any kind, from x and (integer kinds) its prepared row. */
 static inline void rows_at(const wview *v, long r, int R, const float *x, const float *xp, const float *xs, int K,
                            float *out) {
     if (v->kind == 2) {
         for (int i = 0; i < R; i++) out[i] = dot_i8(v, r + i, (const int16_t *)xp, xs, K);
+    } else if (split_q4(v) && K <= PAIR_MAX_K) {  /* pairs of short rows share the loads of x */
+        const float *sum = xs + act_blocks(v, K);
+        int i = 0;
+        for (; i + 2 <= R; i += 2) dot_q4_rows(v, r + i, 2, (const int16_t *)xp, xs, sum, K, out + i);
+        if (i < R) out[i] = dot_q4_split(v, r + i, (const int16_t *)xp, xs, sum, K);
     } else if (is_int(v)) {
         for (int i = 0; i < R; i++) out[i] = dot_packed(v, r + i, (const int16_t *)xp, xs, xs + act_blocks(v, K), K);
     } else {
@@ -39,57 +46,70 @@ static inline void rows_at(const wview *v, long r, int R, const float *x, const 
     }
 }
 
-/* One token through n experts of a stacked SwiGLU: y [D] = sum_i coef[i] * down_e(silu(gate_e x) * up_e x)
- * with e = ids[i], in the given order. gate/up: [F, D] rows, down: [D, F] rows; *_stride: bytes (and
- * scale elements) between consecutive experts. bf16 != 0 rounds every intermediate to bf16 exactly where
- * the torch reference does (gate, silu, up, product, down, coef * down, each running sum), so a bf16 model
- * gets the reference's numbers up to summation order inside the dot products (and, for integer kinds, the
- * int16 activation rounding of the header).
- * Scratch: h [F], xp and xs of max(D, F) floats each: x's prepared row for gate (and up) first,
- * then behind it the one for up (other format) or for down's input h. */
-/* Work-shared inside a parallel region: y [D] += sum_i coef[i] * expert_ids[i](x), in the given order,
- * with the torch modules' bf16 rounding points when bf16 != 0 (see ernie45_moe_token). */
+/* Work-shared inside a parallel region: one token through n experts of a stacked SwiGLU,
+ * y [D] += sum_i coef[i] * down_e(silu(gate_e x) * up_e x) with e = ids[i], summed in the given order.
+ * gate/up: [F, D] rows, down: [D, F] rows; *_stride: bytes (and scale elements) between consecutive
+ * experts. bf16 != 0 rounds every intermediate to bf16 exactly where the torch reference does (gate, silu,
+ * up, product, down, coef * down, each running sum), so a bf16 model gets the reference's numbers up to
+ * summation order inside the dot products (and, for integer kinds, the int16 activation rounding of the
+ * header).
+ * Two passes, whatever n: gate/up of every expert in one work-shared loop (each h_i block prepared for
+ * down by the thread that computed it), then every expert's down in loops without a barrier between them:
+ * the same static partition of the D output rows gives each row one owner, who adds the experts in order.
+ * Scratch: h [n*F]; xp and xs of max(D, F) + n*F floats each: x's prepared row, then each h_i's. */
 static void experts_into(int bf16, const wview *gate, const wview *up, const wview *down, long w_stride_gu,
                          long s_stride_gu, long w_stride_d, long s_stride_d, const long *ids, const float *coef,
                          int n, const float *x, int D, int F, float *y, float *h, float *xp, float *xs,
                          phase_clock *clock, int phase) {
-    float *xp2 = (float *)((int16_t *)xp + D), *xs2 = xs + 2 * act_blocks(gate, D);  /* behind x's row */
     /* gate and up share one format (the callers check; the stride arguments assume it), so x is prepared
-     * once for both and every expert. The thread that computes a block of h also prepares it for down
-     * (no pass and barrier of its own): work items are down's activation blocks. */
+     * once for both and every expert. Work items of the first pass are down's activation blocks. */
     const int fuse = is_int(down), HB = fuse ? act_block(down) : 64, nhb = (F + HB - 1) / HB;
+    const int nbg = act_blocks(gate, D), nbd = act_blocks(down, F);
+#define XP2(i) ((int16_t *)xp + D + (long)(i) * F)  /* h_i's prepared row, behind x's */
+#define XS2(i) (xs + 2 * nbg + (long)(i) * 2 * nbd)
     prep_act(gate, x, 1, D, xp, xs);  /* only kind and group matter */
-    for (int i = 0; i < n; i++) {
-        wview g = at_expert(gate, ids[i], w_stride_gu, s_stride_gu);
-        wview u = at_expert(up, ids[i], w_stride_gu, s_stride_gu);
-        wview d = at_expert(down, ids[i], w_stride_d, s_stride_d);
 #pragma omp for schedule(static)
-        for (int hb = 0; hb < nhb; hb++) {
-            const int r1 = (hb + 1) * HB < F ? (hb + 1) * HB : F;
-            for (int r0 = hb * HB; r0 < r1; r0 += 4) {
-                const int R = r1 - r0 < 4 ? r1 - r0 : 4;
-                float ga[4], ua[4];
-                rows_at(&g, r0, R, x, xp, xs, D, ga);
-                rows_at(&u, r0, R, x, xp, xs, D, ua);
-                for (int j = 0; j < R; j++) {
-                    float a = ga[j], b = ua[j];
-                    if (bf16) a = round_bf16(a), b = round_bf16(b);
-                    float act = a / (1.f + expf(-a));
-                    h[r0 + j] = bf16 ? round_bf16(round_bf16(act) * b) : act * b;
-                }
+    for (int t = 0; t < n * nhb; t++) {
+        const int i = t / nhb, hb = t % nhb, r1 = (hb + 1) * HB < F ? (hb + 1) * HB : F;
+        const wview g = at_expert(gate, ids[i], w_stride_gu, s_stride_gu), u = at_expert(up, ids[i], w_stride_gu, s_stride_gu);
+        float *hi = h + (long)i * F;
+        for (int r0 = hb * HB; r0 < r1; r0 += 4) {
+            const int R = r1 - r0 < 4 ? r1 - r0 : 4;
+            float ga[4], ua[4];
+            rows_at(&g, r0, R, x, xp, xs, D, ga);
+            rows_at(&u, r0, R, x, xp, xs, D, ua);
+            for (int j = 0; j < R; j++) {
+                float a = ga[j], b = ua[j];
+                if (bf16) a = round_bf16(a), b = round_bf16(b);
+                float act = a / (1.f + expf(-a));
+                hi[r0 + j] = bf16 ? round_bf16(round_bf16(act) * b) : act * b;
             }
-            if (fuse) prep_block(&d, h, F, hb, (int16_t *)xp2, xs2);
         }
-        if (!fuse) prep_act(&d, h, 1, F, xp2, xs2);
-        mark(clock, phase);  /* gate and up (with h prepared for down) */
-#pragma omp for schedule(static)
-        for (int r = 0; r < D; r++) {  /* y += coef * down_e h, row by row: each y[r] has one owner */
-            float t;
-            rows_at(&d, r, 1, h, xp2, xs2, F, &t);
-            y[r] = bf16 ? round_bf16(y[r] + round_bf16(coef[i] * round_bf16(t))) : y[r] + coef[i] * t;
+        if (fuse) {
+            const wview d = at_expert(down, ids[i], w_stride_d, s_stride_d);
+            prep_block(&d, hi, F, hb, XP2(i), XS2(i));
         }
-        mark(clock, phase + 1);  /* down */
     }
+    mark(clock, phase);  /* gate and up (with each h_i prepared for down) */
+    for (int i = 0; i < n; i++) {
+        const wview d = at_expert(down, ids[i], w_stride_d, s_stride_d);
+        const float *hi = h + (long)i * F;
+        if (!fuse) prep_act(&d, hi, 1, F, (float *)XP2(i), XS2(i));  /* float kinds: nothing to prepare */
+#pragma omp for schedule(static) nowait
+        for (int p = 0; p < (D + 1) / 2; p++) {  /* y += coef * down_e h, two rows at a time */
+            const int r0 = 2 * p, R = D - r0 < 2 ? D - r0 : 2;
+            float t[2];
+            rows_at(&d, r0, R, hi, (const float *)XP2(i), XS2(i), F, t);
+            for (int j = 0; j < R; j++) {
+                float *o = y + r0 + j;
+                *o = bf16 ? round_bf16(*o + round_bf16(coef[i] * round_bf16(t[j]))) : *o + coef[i] * t[j];
+            }
+        }
+    }
+#pragma omp barrier
+    mark(clock, phase + 1);  /* down */
+#undef XP2
+#undef XS2
 }
 
 /* Work-shared: y [N] = W x for one activation row prepared for v (prep_act), rounded to bf16 if asked:
@@ -97,10 +117,11 @@ static void experts_into(int bf16, const wview *gate, const wview *up, const wvi
 static void rows_one(const wview *v, const float *x, int K, int N, float *y, const float *xp, const float *xs,
                      int bf16) {
 #pragma omp for schedule(static)
-    for (int n = 0; n < N; n++) {
-        float o;
-        rows_at(v, n, 1, x, xp, xs, K, &o);
-        y[n] = bf16 ? round_bf16(o) : o;
+    for (int p = 0; p < (N + 1) / 2; p++) {  /* pairs of rows (rows_at) */
+        const int n = 2 * p, R = N - n < 2 ? N - n : 2;
+        float o[2];
+        rows_at(v, n, R, x, xp, xs, K, o);
+        for (int j = 0; j < R; j++) y[n + j] = bf16 ? round_bf16(o[j]) : o[j];
     }
 }
 
