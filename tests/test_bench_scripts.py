@@ -79,3 +79,60 @@ def test_gpu_speed_smoke_runs_every_part_on_cpu(tmp_path):
     assert m["transformers"]["device"] == "cpu" and m["transformers"]["decode_tok_s"] > 0
     assert res["layer300b"]["bytes_per_step"] > 0 and res["layer300b"]["extrapolated"]["tok_s"] > 0
     assert (tmp_path / "out" / "gpu_speed.md").read_text().startswith("# ernie45 on a CUDA GPU")
+
+
+def _kernels_or_skip():
+    from ernie45 import kernels
+
+    if not kernels.available() and not os.environ.get("CI"):
+        pytest.skip(f"decode kernels unavailable: {kernels.unavailable_reason()}")
+
+
+def test_decode_profile_splits_a_token_into_every_part(tmp_path):
+    """bench/decode_profile.py on a small model whose every weight takes the kernels and whose head is
+    big enough for the int8 screen (32768 x 128 = GREEDY_HEAD_MIN_ELEMENTS)."""
+    _kernels_or_skip()
+    import torch
+
+    from ernie45.config import PRESETS, ModelConfig
+    from ernie45.model import build_model, init_random
+    from ernie45.weights import save_checkpoint
+
+    cfg = ModelConfig.from_dict(dict(PRESETS["ERNIE-4.5-21B-A3B"], vocab_size=32768, hidden_size=128,
+                                     intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=32, moe_num_experts=8, moe_k=2,
+                                     moe_intermediate_size=64, moe_layer_start_index=1, moe_layer_end_index=2,
+                                     num_nextn_predict_layers=0, max_position_embeddings=512))
+    save_checkpoint(init_random(build_model(cfg, torch.bfloat16), std=0.08), tmp_path / "model")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "bench" / "decode_profile.py"), "--model", str(tmp_path / "model"),
+           "--quant", "int4", "--tokens", "4", "--rounds", "1", "--threads", "1", "--bw-gbytes", "0.05", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "decode_profile_int4.json").read_text())
+    parts = {r["part"]: r for r in res["parts"]}
+    from ernie45.kernels import DECODE_PHASES
+
+    assert set(DECODE_PHASES) | {"final_norm", "head_screen", "head_candidates", "head_exact"} < set(parts)
+    for name in ("norm_qkv", "experts_gate_up", "experts_down", "shared_down", "dense_gate_up", "head_screen"):
+        assert parts[name]["ms"] > 0 and parts[name]["bytes"] > 0 and parts[name]["gb_s"] > 0, name
+    assert parts["head_screen"]["bytes"] >= 32768 * 128  # the int8 codes at least
+    assert res["decode_tok_s"] > 0 and res["read_gb_s"] > 0
+    assert "| experts_down |" in (tmp_path / "decode_profile_int4.md").read_text()
+
+
+def test_kernel_ab_times_two_kernel_versions(tmp_path):
+    """bench/kernel_ab.py with the committed kernels against the working tree's (bit-identical unless a
+    change is in flight), on tiny sweeps."""
+    _kernels_or_skip()
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "bench" / "kernel_ab.py"), "--rounds", "2", "--sweep-mb", "1", "--threads", "1",
+           "--allow-different", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "kernel_ab.json").read_text())
+    assert len(res["cases"]) == 3
+    for case in res["cases"].values():
+        assert case["speed_ratio_median"] > 0 and case["gb_s"]["base"]["median"] > 0

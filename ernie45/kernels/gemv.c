@@ -316,9 +316,13 @@ static inline float dot_packed_bits(const wview *v, long n, const int16_t *xi, c
  * each permuted per 32-byte chunk as [codes of the low nibbles, of the high nibbles]: q . x =
  * 256 * (q . hi) + (q . lo), both with vpmaddubsw (u8 x s8 pairs: 2*15*128 and 2*255*15 fit int16, and
  * two chunks' sums still do), widened once per two chunks: ~2/3 of the integer work of dot_packed_bits.
- * R (1 or 2, a constant after inlining) consecutive rows n.. at once: they share each load of x, which is
- * four of the five loads per chunk of one row; every row's sums and float steps are those of R = 1, so the
- * results do not depend on how rows are paired. */
+ * dot_q4_rows: R (a constant after inlining; 2 where used) consecutive rows n.. at once, sharing each load
+ * of x (four of the five loads per chunk of one row), every row with the sums and float steps of
+ * dot_q4_split below, so results do not depend on how rows are paired (tested). Used for rows of at most
+ * PAIR_MAX_K columns: longer rows streamed slower in pairs on a Zen 3, and a single row streamed slower
+ * through dot_q4_rows with R = 1 than through dot_q4_split (bench/kernel_ab.py). */
+#define PAIR_MAX_K 512
+
 static inline __attribute__((always_inline)) void dot_q4_rows(const wview *v, long n, const int R, const int16_t *xi,
                                                               const float *sx, const float *xsum, int K, float *out) {
     const __m256i mask = _mm256_set1_epi8(0x0f);
@@ -384,10 +388,53 @@ static inline __attribute__((always_inline)) void dot_q4_rows(const wview *v, lo
     for (int r = 0; r < R; r++) out[r] = hsum8(total[r]) + group_offset(s[r], z[r], xsum, groups, 8.f);
 }
 
+/* One row: the reference of dot_q4_rows. */
 static float dot_q4_split(const wview *v, long n, const int16_t *xi, const float *sx, const float *xsum, int K) {
-    float out;
-    dot_q4_rows(v, n, 1, xi, sx, xsum, K, &out);
-    return out;
+    const __m256i mask = _mm256_set1_epi8(0x0f), w256 = _mm256_set1_epi16(256), ones = _mm256_set1_epi16(1);
+    const uint8_t *row = (const uint8_t *)v->w + n * v->ld;
+    const int8_t *xh = (const int8_t *)xi;
+    const uint8_t *xl = (const uint8_t *)xi + K;
+    const float *s = v->s + n * v->sld, *z = v->z + n * v->sld;
+    const int chunks = v->group / 64, groups = K / v->group;
+    __m256 total = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i acc = _mm256_setzero_si256();
+#if VNNI  /* the same bytes meet in the same int32 lanes, summed without the int16 stage */
+        __m256i A = _mm256_setzero_si256(), B = A;
+        for (int c = 0; c < chunks; c++) {
+            const long chunk = (long)g * chunks + c;
+            if (!(chunk & 1)) prefetch_ahead(row + chunk * 32);
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(row + chunk * 32));
+            const __m256i q0 = _mm256_and_si256(b, mask), q1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+            const int8_t *h = xh + chunk * 64;
+            const uint8_t *l = xl + chunk * 64;
+            A = _mm256_dpbusd_epi32(A, q0, _mm256_loadu_si256((const __m256i *)h));
+            A = _mm256_dpbusd_epi32(A, q1, _mm256_loadu_si256((const __m256i *)(h + 32)));
+            B = _mm256_dpbusd_epi32(B, _mm256_loadu_si256((const __m256i *)l), q0);
+            B = _mm256_dpbusd_epi32(B, _mm256_loadu_si256((const __m256i *)(l + 32)), q1);
+        }
+        acc = _mm256_add_epi32(_mm256_slli_epi32(A, 8), B);
+#else
+        for (int c0 = 0; c0 < chunks; c0 += 2) {
+            __m256i A = _mm256_setzero_si256(), B = A;  /* int16 sums against hi / lo bytes */
+            for (int c = c0; c < c0 + 2 && c < chunks; c++) {
+                const long chunk = (long)g * chunks + c;
+                if (!(chunk & 1)) prefetch_ahead(row + chunk * 32);  /* one 64-byte line per 2 chunks */
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(row + chunk * 32));
+                const __m256i q0 = _mm256_and_si256(b, mask), q1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+                const int8_t *h = xh + chunk * 64;
+                const uint8_t *l = xl + chunk * 64;
+                A = _mm256_add_epi16(A, _mm256_maddubs_epi16(q0, _mm256_loadu_si256((const __m256i *)h)));
+                A = _mm256_add_epi16(A, _mm256_maddubs_epi16(q1, _mm256_loadu_si256((const __m256i *)(h + 32))));
+                B = _mm256_add_epi16(B, _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)l), q0));
+                B = _mm256_add_epi16(B, _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(l + 32)), q1));
+            }
+            acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(A, w256), _mm256_madd_epi16(B, ones)));
+        }
+#endif
+        total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(s[g] * sx[g]), total);
+    }
+    return hsum8(total) + group_offset(s, z, xsum, groups, 8.f);
 }
 
 /* int2 with 64-column groups (K % 128 == 0) from the byte-split row (prep_block): each 32-byte chunk
@@ -433,25 +480,31 @@ static float dot_packed(const wview *v, long n, const int16_t *xi, const float *
     return v->kind == 3 ? dot_packed_bits(v, n, xi, sx, xsum, K, 4) : dot_packed_bits(v, n, xi, sx, xsum, K, 2);
 }
 
-/* Work-shared rows [0, N) of y[m] = W x[m] for m < M from activations prepared by prep_int; rows in
- * pairs (dot_q4_rows where it applies). */
+/* Work-shared rows [0, N) of y[m] = W x[m] for m < M from activations prepared by prep_int; short int4
+ * rows in pairs (dot_q4_rows). */
 static void rows_int(const wview *v, const int16_t *xi, const float *xs, int M, int K, int N, float *y) {
     const int nb = act_blocks(v, K);
+    if (split_q4(v) && K <= PAIR_MAX_K) {
 #pragma omp for schedule(static)
-    for (int p = 0; p < (N + 1) / 2; p++) {
-        const int n0 = 2 * p, R = N - n0 < 2 ? N - n0 : 2;
+        for (int p = 0; p < (N + 1) / 2; p++) {
+            const int n = 2 * p;
+            for (int m = 0; m < M; m++) {
+                const float *sm = xs + (long)m * 2 * nb;
+                if (n + 1 < N)
+                    dot_q4_rows(v, n, 2, xi + (long)m * K, sm, sm + nb, K, y + (long)m * N + n);
+                else
+                    y[(long)m * N + n] = dot_q4_split(v, n, xi + (long)m * K, sm, sm + nb, K);
+            }
+        }
+        return;
+    }
+#pragma omp for schedule(static)
+    for (int n = 0; n < N; n++)
         for (int m = 0; m < M; m++) {
             const float *sm = xs + (long)m * 2 * nb;
-            const int16_t *xm = xi + (long)m * K;
-            float *ym = y + (long)m * N + n0;
-            if (R == 2 && split_q4(v)) {
-                dot_q4_rows(v, n0, 2, xm, sm, sm + nb, K, ym);
-                continue;
-            }
-            for (int n = n0; n < n0 + R; n++)
-                y[(long)m * N + n] = v->kind == 2 ? dot_i8(v, n, xm, sm, K) : dot_packed(v, n, xm, sm, sm + nb, K);
+            y[(long)m * N + n] = v->kind == 2 ? dot_i8(v, n, xi + (long)m * K, sm, K)
+                                              : dot_packed(v, n, xi + (long)m * K, sm, sm + nb, K);
         }
-    }
 }
 
 /* Work-shared: whatever x [M, K] needs before rows_of (the integer kinds' activations); nothing for the

@@ -27,8 +27,6 @@ static wview at_expert(const wview *v, long e, long w_stride, long s_stride) {
     return r;
 }
 
-#define PAIR_MAX_K 512  /* longer int4 rows stream faster one at a time (bench/decode_profile.py, Zen 3) */
-
 /* out[0..R) = rows r..r+R-1 (R <= 4) of W x, any kind, from x and (integer kinds) its prepared row. */
 static inline void rows_at(const wview *v, long r, int R, const float *x, const float *xp, const float *xs, int K,
                            float *out) {

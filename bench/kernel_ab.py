@@ -1,0 +1,178 @@
+"""A/B of two versions of the decode kernels in one process, alternating call by call.
+
+On a shared machine the same measurement moves by +-30% from one minute to the next, so two versions timed
+in separate runs cannot be told apart by less than that. Here both libraries are loaded side by side and
+every round times one sweep of each, back to back, over the same weights (far more than the last-level
+cache, so every sweep reads them from memory); the median of the per-round ratios is robust to the drift.
+Outputs must be bit-identical between the versions (checked) unless --allow-different.
+
+    python bench/kernel_ab.py [--base REV] [--other DIR] [--rounds 15] [--threads 2] [--out DIR]
+
+base: the kernel sources at git revision REV (default HEAD); other: a kernels directory (default the
+working tree's ernie45/kernels). Measured: `ernie45_gemv` on cold int4 weights of the bench model's
+shapes (q/k/v rows 2560 x 1024, an expert's down 1024 x 256) and `ernie45_moe_token`, one token through
+top-6 of 64 int4 experts (1024 x 256 each) per layer, over 7 layers. Writes kernel_ab.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from ernie45 import kernels  # noqa: E402
+from ernie45.quant.formats import get_format, quantize_rtn  # noqa: E402
+
+GEMV_SHAPES = ((2560, 1024), (1024, 256))  # (N, K)
+MOE = dict(E=64, D=1024, F=256, k=6, layers=7)
+
+
+def build(src: Path, out: Path) -> ctypes.CDLL:
+    flags = kernels.ISA_FLAGS[kernels.isa()][1]
+    cmd = ["gcc", "-O3", *flags, "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", str(src / "decode.c"),
+           "-o", str(out), "-lm"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"compiling {src}: {done.stderr[:800]}")
+    lib = ctypes.CDLL(str(out))
+    lib.ernie45_gemv.restype = lib.ernie45_moe_token.restype = None
+    return lib
+
+
+def sources_at(rev: str, into: Path) -> Path:
+    for f in ("decode.c", "gemv.c", "moe.c", "head.c"):
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:ernie45/kernels/{f}"], capture_output=True,
+                              text=True, check=True).stdout
+        (into / f).write_text(text)
+    return into
+
+
+def int4(rows: int, cols: int, lead: int | None = None) -> kernels.Weights:
+    q = quantize_rtn(torch.randn((lead or 1) * rows, cols), get_format("int4"), 128)
+    view = (lambda t: t.view(lead, rows, -1)) if lead else (lambda t: t)
+    return kernels.Weights("int4", view(q.qweight), cols, view(q.scales), view(q.zeros), q.group_size)
+
+
+def _p(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def gemv_case(N: int, K: int, threads: int, sweep_bytes: float):
+    """(sweep(lib) -> output, bytes per sweep) for enough N x K int4 weights to fill sweep_bytes."""
+    ws = [int4(N, K) for _ in range(max(2, int(sweep_bytes // (N * K // 2))))]
+    x, y = torch.randn(len(ws), K), torch.empty(len(ws), N)
+    xp, xs = torch.empty(K), torch.empty(K)
+
+    def sweep(lib):
+        for i, w in enumerate(ws):
+            lib.ernie45_gemv(ctypes.byref(w.view), _p(x[i]), 1, K, N, _p(y[i]), _p(xp), _p(xs), threads)
+        return y.clone()
+    return sweep, sum(w.nbytes for w in ws)
+
+
+def moe_case(threads: int):
+    """One token through top-k experts of each layer's int4 stacks; bytes = the selected experts'."""
+    E, D, F, k, L = (MOE[n] for n in ("E", "D", "F", "k", "layers"))
+    stacks = [(int4(F, D, E), int4(F, D, E), int4(D, F, E)) for _ in range(L)]
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randperm(E, generator=gen)[:k].sort().values for _ in range(L)]
+    coef, x, y = torch.rand(k, generator=gen), torch.randn(D, generator=gen), torch.zeros(L, D)
+    h, xp, xs = torch.empty(k * F), torch.empty(max(D, F) + k * F), torch.empty(max(D, F) + k * F)
+    (wgu, sgu), (wd, sd) = stacks[0][0].expert_strides(), stacks[0][2].expert_strides()
+
+    def sweep(lib):
+        y.zero_()
+        for i, (g, u, d) in enumerate(stacks):
+            lib.ernie45_moe_token(ctypes.byref(g.view), ctypes.byref(u.view), ctypes.byref(d.view), ctypes.c_long(wgu),
+                                  ctypes.c_long(sgu), ctypes.c_long(wd), ctypes.c_long(sd), _p(ids[i]), _p(coef), k,
+                                  _p(x), D, F, _p(y[i]), _p(h), _p(xp), _p(xs), 1, threads)
+        return y.clone()
+    per_expert = sum(w.nbytes for w in stacks[0]) // E
+    return sweep, L * k * per_expert
+
+
+def compare(sweep, nbytes: int, libs: dict, rounds: int, allow_different: bool) -> dict:
+    outs = {name: sweep(lib) for name, lib in libs.items()}  # also the warm-up
+    base, other = outs.values()
+    identical = torch.equal(base, other)
+    if not identical and not allow_different:
+        raise SystemExit("the two kernel versions give different results (--allow-different to time them anyway)")
+    times = {name: [] for name in libs}
+    for _ in range(rounds):
+        for name, lib in libs.items():
+            t0 = time.perf_counter()
+            sweep(lib)
+            times[name].append(time.perf_counter() - t0)
+    a, b = (times[n] for n in libs)
+    ratios = [ta / tb for ta, tb in zip(a, b)]  # > 1: other is faster
+    return {"bytes": nbytes, "bit_identical": identical,
+            "gb_s": {n: {"best": nbytes / min(t) / 1e9, "median": nbytes / statistics.median(t) / 1e9}
+                     for n, t in times.items()},
+            "speed_ratio_median": statistics.median(ratios), "speed_ratio_min": min(ratios),
+            "speed_ratio_max": max(ratios)}
+
+
+def report(res: dict) -> str:
+    lines = ["# Kernel A/B in one process", "", f"Command: `{res['command']}`", "",
+             f"base = `{res['base']}`, other = `{res['other']}`; kernels built for {res['isa']}; {res['threads']} "
+             f"threads; {res['rounds']} alternating rounds; load average {res['loadavg']} at the end.", "",
+             "| case | MB per sweep | base GB/s (median) | other GB/s (median) | other / base speed, median (min-max) "
+             "| bit-identical |", "|---|---|---|---|---|---|"]
+    for name, r in res["cases"].items():
+        g = r["gb_s"]
+        lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {g['base']['median']:.1f} | {g['other']['median']:.1f} | "
+                     f"{r['speed_ratio_median']:.3f} ({r['speed_ratio_min']:.2f}-{r['speed_ratio_max']:.2f}) | "
+                     f"{'yes' if r['bit_identical'] else 'no'} |")
+    lines += ["", "Each round times one sweep of base, then one of other, over the same cold weights; the ratio is "
+              "base time / other time per round (> 1: other is faster)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", default="HEAD", help="git revision of the base kernel sources (default HEAD)")
+    p.add_argument("--other", type=Path, default=ROOT / "ernie45" / "kernels",
+                   help="directory of the other kernel sources (default: the working tree's)")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sweep-mb", type=float, default=64, help="int4 bytes per gemv sweep (default 64: twice a large "
+                   "last-level cache, so every sweep reads from memory)")
+    p.add_argument("--allow-different", action="store_true", help="time versions whose outputs differ")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "base").mkdir()
+        libs = {"base": build(sources_at(args.base, tmp / "base"), tmp / "base.so"),
+                "other": build(args.other, tmp / "other.so")}
+        cases = {f"gemv int4 {N} x {K}": gemv_case(N, K, args.threads, args.sweep_mb * 1e6) for N, K in GEMV_SHAPES}
+        cases[f"moe_token int4 top-{MOE['k']} of {MOE['E']} ({MOE['D']} x {MOE['F']}), {MOE['layers']} layers"] = \
+            moe_case(args.threads)
+        results = {name: compare(sweep, nbytes, libs, args.rounds, args.allow_different)
+                   for name, (sweep, nbytes) in cases.items()}
+    res = {"command": "python bench/kernel_ab.py " + " ".join(argv), "base": args.base, "other": str(args.other),
+           "isa": kernels.isa(), "threads": args.threads, "rounds": args.rounds,
+           "loadavg": [round(v, 2) for v in os.getloadavg()], "cases": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernel_ab.json").write_text(json.dumps(res, indent=1) + "\n")
+    (args.out / "kernel_ab.md").write_text(report(res))
+    print(report(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
