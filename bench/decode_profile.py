@@ -9,8 +9,11 @@ writes decode_profile[_QUANT].json and .md. Per decoded token (mean over --token
   decode.c's phase clock: thread 0's wall time between the barriers that end each phase, summed over layers);
 - the head, part by part as greedy_head.GreedyHead runs it: final norm, int8 screen (one C pass), candidate
   pick, exact recompute of the candidates;
-- the rest: Python and torch around those calls (a generate loop's per-token time minus trunk and head).
-The split loop and the generate loop run alternately --rounds times and the fastest run of each is kept,
+- the rest: Python and torch around those calls (a generate loop's per-token time, with trunk, norm and head
+  as separate calls like the split loop, minus trunk and head);
+- the same generate loop with trunk, norm and head in one C call (Decoder.greedy_step, what generation uses),
+  and how much faster that is.
+The split loop and both generate loops run back to back --rounds times and the fastest run of each is kept,
 so `rest` is the difference of two least-disturbed runs (it can come out negative on a noisy host).
 Each part that streams weights lists the bytes it reads per token (as stored: codes, scales, zeros; routed
 experts: the selected ones, counted per token from the router's choices) and its read rate, next to
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -107,11 +111,17 @@ def profile(model, tokens: int) -> dict:
     return out
 
 
-def whole_token_seconds(model, tokens: int) -> float:
-    """Per-token seconds of the real generate loop (greedy, same prompt), the first token excluded."""
+def whole_token_seconds(model, tokens: int, fused: bool = True) -> float:
+    """Per-token seconds of the real generate loop (greedy, same prompt), the first token excluded. fused=False
+    declines the one-call greedy step (Decoder.greedy_step), so trunk, norm and head run as separate calls."""
     from ernie45.bench import decode_run
 
-    out, _, rest = decode_run(model, list(range(100, 100 + PROMPT)), tokens + 1)
+    if not fused:
+        model.model.greedy_step = lambda *args: None  # an instance attribute: generate finds it first
+    try:
+        out, _, rest = decode_run(model, list(range(100, 100 + PROMPT)), tokens + 1)
+    finally:
+        model.model.__dict__.pop("greedy_step", None)
     return rest / (len(out) - 1)
 
 
@@ -131,9 +141,12 @@ def measure(args: argparse.Namespace) -> dict:
     whole_token_seconds(model, 4)  # warm-up: kernel build, caches, allocator
     profile(model, 4)
     # alternate the split loop and the real generate loop; keep the least disturbed run of each
-    runs = [(profile(model, args.tokens), whole_token_seconds(model, args.tokens)) for _ in range(args.rounds)]
+    runs = [(profile(model, args.tokens), whole_token_seconds(model, args.tokens),
+             whole_token_seconds(model, args.tokens, fused=False)) for _ in range(args.rounds)]
     times = min((r[0] for r in runs), key=lambda t: sum(v for k, v in t.items() if k != "mean_candidates"))
-    whole = min(r[1] for r in runs)
+    fused = min(r[1] for r in runs)
+    whole = min(r[2] for r in runs)  # the split loop makes the separate calls: `rest` is taken against them
+    fused_ratio = statistics.median(r[2] / r[1] for r in runs)  # per round: both loops back to back
     bw = max(bw_before, read_bandwidth(args.threads, args.bw_gbytes)["read_gb_s"])
     nbytes = phase_bytes(model, PROMPT + args.tokens // 2, routed_experts(model))
     head = model.greedy_head
@@ -152,9 +165,11 @@ def measure(args: argparse.Namespace) -> dict:
     total_bytes = sum(r["bytes"] for r in rows)
     return {"command": "python bench/decode_profile.py " + " ".join(args.argv), "model": str(args.model),
             "dtype": args.dtype, "quant": args.quant, "threads": args.threads, "tokens": args.tokens,
+            "rounds": args.rounds,
             "isa": kernels.isa(), "cpu": cpu, "cpu_family": family, "cpu_features": features,
             "torch": torch.__version__, "loadavg": [round(v, 2) for v in os.getloadavg()],
             "read_gb_s": bw, "token_ms": whole * 1e3, "decode_tok_s": 1 / whole, "bytes_per_token": total_bytes,
+            "fused_token_ms": fused * 1e3, "fused_decode_tok_s": 1 / fused, "fused_speedup_median": fused_ratio,
             "token_read_rate_gb_s": total_bytes / whole / 1e9,
             "mean_head_candidates": nbytes["head_exact"] / (head.weight.shape[1] * head.weight.element_size()),
             "parts": rows}
@@ -167,10 +182,16 @@ def report(res: dict) -> str:
              f"{res['isa']}; {res['threads']} threads; torch {res['torch']}; load average {res['loadavg']} at the end "
              "(a shared machine: compare the parts of one run, not runs).", "",
              f"Model: `{res['model']}`. {res['tokens']} greedy tokens after a {PROMPT}-token prompt: "
-             f"{res['token_ms']:.2f} ms per token ({res['decode_tok_s']:.1f} tok/s), "
+             f"{res['token_ms']:.2f} ms per token ({res['decode_tok_s']:.1f} tok/s; separate calls), "
              f"{res['bytes_per_token'] / 1e6:.1f} MB read per token ({res['token_read_rate_gb_s']:.1f} GB/s overall) "
              f"against torch.sum's fp32 read rate of {res['read_gb_s']:.1f} GB/s; "
              f"{res['mean_head_candidates']:.1f} head rows recomputed exactly per token.", "",
+             f"The generate loop with trunk, final norm and greedy head as separate calls (the split below): "
+             f"{res['token_ms']:.2f} ms per token; with them in one C call (`Decoder.greedy_step`, what generate "
+             f"uses): {res['fused_token_ms']:.2f} ms ({res['fused_decode_tok_s']:.1f} tok/s). Speed of the one "
+             f"call over the separate calls: {res['token_ms'] / res['fused_token_ms']:.2f}x on the best runs, "
+             f"{res['fused_speedup_median']:.2f}x as the median of {res['rounds']} rounds (the two loops back to "
+             "back in each).", "",
              "| part | ms/token | share | MB/token | GB/s | of read rate |", "|---|---|---|---|---|---|"]
     for r in res["parts"]:
         if r["ms"] < 1e-4 and not r["bytes"]:
@@ -180,7 +201,7 @@ def report(res: dict) -> str:
         lines.append(f"| {r['part']} | {r['ms']:.3f} | {r['share']:.1%} | {r['bytes'] / 1e6:.2f} | {gb} | {of} |")
     lines += ["", "Trunk phases are timed inside the one-call decode step (decode.c's phase clock: each phase "
               "ends with a barrier, so a phase's time includes waiting for the slower thread); head parts around "
-              "each C call from Python; `rest` is the generate loop's per-token time minus all of them. Bytes: "
+              "each C call from Python; `rest` is the separate-calls generate loop's per-token time minus all of them. Bytes: "
               "weights as stored (codes, scales, zeros), routed experts the selected ones, the router in fp32, "
               "attention the K/V cache read at the middle position, the screen its int8 codes plus three fp32 "
               "per-row arrays, the exact part the recomputed head rows."]

@@ -18,11 +18,13 @@ from __future__ import annotations
 import ctypes
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
 from .cache import KVCache
 from .fast import FastExperts, FastQuantExperts, plain_weights, quant_weights
+from .greedy_head import MAX_CANDIDATES, GreedyHead
 from .layers import MLP, rope_cos_sin
 from .model import Ernie45Model
 from .moe import Experts, SparseMoeBlock
@@ -159,10 +161,8 @@ class Decoder:
             self.layers[i].kcache, self.layers[i].vcache = k.data_ptr(), v.data_ptr()
         self._bound = cache
 
-    def step(self, token: int, pos: int, cache: KVCache, prof: torch.Tensor | None = None) -> torch.Tensor:
-        """Token id at position `pos` -> last layer output before the final norm [1, 1, D].
-
-        prof: optional float64 [len(kernels.DECODE_PHASES)] that each phase's seconds are added to."""
+    def _inputs(self, token: int, pos: int, cache: KVCache) -> tuple[torch.Tensor, ...]:
+        """(x [D] fp32 embedding, cos, sin, scratch) of one step; binds the cache."""
         if pos >= cache.max_len:
             raise ValueError(f"position {pos} is beyond this cache's {cache.max_len} slots; "
                              "allocate the cache with max_len >= prompt + new tokens")
@@ -173,10 +173,34 @@ class Decoder:
         width = max(cfg.hidden_size, self.max_f, cfg.q_dim)  # decode.c's W: the widest matmul input
         scratch = torch.empty(8 * width + 3 * self.max_h + 2 * cfg.q_dim + 2 * cfg.kv_dim + 512
                               + cfg.num_attention_heads * (pos + 1))
-        kernels.decode(ctypes.byref(self.model_t), self.layers, x, pos, cos, sin, scratch, prof)
-        cache.slot_pos[: cfg.num_hidden_layers, 0, pos] = pos
+        return x, cos, sin, scratch
+
+    def _written(self, pos: int, cache: KVCache) -> None:
+        cache.slot_pos[: self.cfg.num_hidden_layers, 0, pos] = pos
         cache.length = max(cache.length, pos + 1)
+
+    def step(self, token: int, pos: int, cache: KVCache, prof: torch.Tensor | None = None) -> torch.Tensor:
+        """Token id at position `pos` -> last layer output before the final norm [1, 1, D].
+
+        prof: optional float64 [len(kernels.DECODE_PHASES)] that each phase's seconds are added to."""
+        x, cos, sin, scratch = self._inputs(token, pos, cache)
+        kernels.decode(ctypes.byref(self.model_t), self.layers, x, pos, cos, sin, scratch, prof)
+        self._written(pos, cache)
         return x.to(self.dtype).view(1, 1, -1)
+
+    def greedy_step(self, token: int, pos: int, cache: KVCache, head: GreedyHead, norm_weight: torch.Tensor,
+                    prof: torch.Tensor | None = None) -> int:
+        """`step`, the final norm and the exact greedy head (`head.in_c`) in one C call -> the next token id:
+        the same token as `head(norm(step(...)))`, without the torch calls between them."""
+        x, cos, sin, scratch = self._inputs(token, pos, cache)
+        xn = torch.empty(self.cfg.hidden_size)
+        out = kernels.greedy_step(ctypes.byref(self.model_t), self.layers, x, pos, cos, sin, scratch, prof,
+                                  norm_weight, xn, head, head.slack, MAX_CANDIDATES)
+        self._written(pos, cache)
+        if out < 0:  # too many rows could win (or a non-finite hidden state): the full head decides
+            head.full_heads += 1
+            out = int(torch.argmax(F.linear(xn.to(self.dtype), head.weight)))
+        return out
 
 
 # Exact types: expert parallelism's local experts route differently.
@@ -192,6 +216,16 @@ class FastErnie45Model(Ernie45Model):
                 and cache.k[0].shape[0] == 1 and not torch.is_grad_enabled()):
             return decoder.step(int(input_ids[0, 0]), int(positions[0, 0]), cache)
         return super().forward(input_ids, positions, cache)
+
+    def greedy_step(self, input_ids: torch.Tensor, positions: torch.Tensor, cache, head: GreedyHead) -> int | None:
+        """The next greedy token of a one-token step in one C call (Decoder.greedy_step): trunk, final norm and
+        `head`; None where that does not apply (then run forward and the head)."""
+        decoder = self.__dict__.get("_decoder")
+        norm = self.norm.weight
+        if (decoder is None or input_ids.shape != (1, 1) or type(cache) is not KVCache or cache.k[0].shape[0] != 1
+                or torch.is_grad_enabled() or not head.in_c or norm.dtype != decoder.dtype or not norm.is_contiguous()):
+            return None
+        return decoder.greedy_step(int(input_ids[0, 0]), int(positions[0, 0]), cache, head, norm.detach())
 
 
 def install(model: nn.Module) -> str | None:

@@ -76,13 +76,17 @@ def generate_stream(model: Ernie45ForCausalLM, prompt_ids: Sequence[int],
     greedy_head = getattr(model, "greedy_head", None) if cfg.temperature == 0 else None
     ids = torch.tensor([list(prompt_ids)], device=weight.device)  # [1, T]
     positions = torch.arange(ids.shape[1], device=weight.device)[None]  # [1, T]
+    # the fast path's one-call step (trunk, final norm and greedy head in C); None where it does not apply
+    greedy_step = getattr(model.model, "greedy_step", None) if greedy_head is not None else None
     for _ in range(cfg.max_new_tokens):
-        hidden = model.model(ids, positions, cache)  # [1, T, D]
-        if greedy_head is not None:  # the fast path's exact screened argmax (greedy_head.py)
-            token = int(greedy_head(model.model.norm(hidden[0, -1:]))[0])
-        else:
-            logits = model.logits(hidden[:, -1:])[0, -1]  # [V]: only the last row goes through the head
-            token = sample_token(logits, cfg, gen)
+        token = greedy_step(ids, positions, cache, greedy_head) if greedy_step is not None else None
+        if token is None:
+            hidden = model.model(ids, positions, cache)  # [1, T, D]
+            if greedy_head is not None:  # the fast path's exact screened argmax (greedy_head.py)
+                token = int(greedy_head(model.model.norm(hidden[0, -1:]))[0])
+            else:
+                logits = model.logits(hidden[:, -1:])[0, -1]  # [V]: only the last row goes through the head
+                token = sample_token(logits, cfg, gen)
         yield token
         if token in stops:
             return

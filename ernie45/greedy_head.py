@@ -50,11 +50,22 @@ class GreedyHead:
         self.abs_q = self.q.abs().sum(1, dtype=torch.int32).float()  # [V] sum_k |q_rk|
         self.full_heads = 0  # rows that fell back to the whole head (diagnostics)
 
+    @property
+    def slack(self) -> float:
+        """Relative slack of the bound: fp32 accumulation and, for a bf16 head, the reference's rounding of
+        each logit."""
+        return FP32_SLACK + (torch.finfo(self.weight.dtype).eps if self.weight.dtype != torch.float32 else 0.0)
+
+    @property
+    def in_c(self) -> bool:
+        """Screen, candidates and exact rows all run in C (fast_decode's one-call greedy step can use it)."""
+        return self.integer and self.rows is not None
+
     def screen(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """x [D] fp32 -> (approximate logits a [V], their error bound b [V], max(a - b)).
 
         b includes the fp32 slack and, for a bf16 head, the reference's rounding of each logit."""
-        slack = FP32_SLACK + (torch.finfo(self.weight.dtype).eps if self.weight.dtype != torch.float32 else 0.0)
+        slack = self.slack
         l1_half = 0.5 * float(x.abs().sum())
         if not self.integer:
             a = F.linear(x, self.q.float()) * self.scale

@@ -117,7 +117,7 @@ def test_decode_profile_splits_a_token_into_every_part(tmp_path):
     for name in ("norm_qkv", "experts_gate_up", "experts_down", "shared_down", "dense_gate_up", "head_screen"):
         assert parts[name]["ms"] > 0 and parts[name]["bytes"] > 0 and parts[name]["gb_s"] > 0, name
     assert parts["head_screen"]["bytes"] >= 32768 * 128  # the int8 codes at least
-    assert res["decode_tok_s"] > 0 and res["read_gb_s"] > 0
+    assert res["decode_tok_s"] > 0 and res["read_gb_s"] > 0 and res["fused_decode_tok_s"] > 0
     assert "| experts_down |" in (tmp_path / "decode_profile_int4.md").read_text()
 
 

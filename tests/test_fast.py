@@ -79,17 +79,60 @@ def test_greedy_head_falls_back_to_the_full_head(monkeypatch):
 
 
 @needs_kernels
+class _Spy:
+    """Counts calls of a greedy head (or of the fused step) and passes everything else through."""
+
+    def __init__(self, head, calls, name):
+        self.head, self.calls, self.name = head, calls, name
+
+    def __call__(self, *args):
+        self.calls.append(self.name)
+        return self.head(*args)
+
+    def __getattr__(self, attr):
+        return getattr(self.head, attr)
+
+
 def test_generation_uses_the_greedy_head_only_at_temperature_zero():
     model = tiny_model(seed=10)
     gcfg = GenerationConfig(max_new_tokens=12, stop_token_ids=())
     want = generate(model, [7, 7, 8], gcfg)
     fast.accelerate(model)
     calls = []
-    real = model.greedy_head.__call__
-    model.greedy_head = lambda x: calls.append(1) or real(x)
-    assert generate(model, [7, 7, 8], gcfg) == want and len(calls) == 12
+    model.greedy_head = _Spy(model.greedy_head, calls, "head")
+    fused = kernels.available()  # one-token steps: trunk, norm and greedy head in one C call
+    if fused:
+        model.model.greedy_step = _Spy(model.model.greedy_step, calls, "step")
+    assert generate(model, [7, 7, 8], gcfg) == want
+    # the prompt step (3 tokens) declines the fused step and runs the modules and the head
+    assert calls == (["step", "head"] + ["step"] * 11 if fused else ["head"] * 12)
+    n = len(calls)
     generate(model, [7, 7, 8], GenerationConfig(max_new_tokens=3, temperature=0.7, seed=1, stop_token_ids=()))
-    assert len(calls) == 12
+    assert len(calls) == n
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,scheme", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int4")])
+def test_fused_greedy_step_chooses_the_tokens_of_the_separate_steps(dtype, scheme, monkeypatch):
+    model = _keep_fp32(tiny_model(dtype, seed=18, vocab_size=4096, moe_intermediate_size=64))
+    with torch.no_grad():  # unit norm weights would only scale the logits: the argmax could not tell
+        model.model.norm.weight.copy_(torch.rand(64, generator=torch.Generator().manual_seed(3)) * 2)
+    if scheme:
+        model = quantize_model(model, scheme)
+    fast.accelerate(model)
+    assert model.greedy_head.in_c and model.fast_decode_unavailable is None
+    gcfg = GenerationConfig(max_new_tokens=24, stop_token_ids=())
+    fused = generate(model, [5, 9, 300], gcfg)
+    with monkeypatch.context() as m:
+        m.setattr(fast_decode.FastErnie45Model, "greedy_step", lambda *args: None)
+        assert generate(model, [5, 9, 300], gcfg) == fused
+    if dtype == torch.float32:  # and the reference modules' full head
+        assert generate(fast.reference(model), [5, 9, 300], gcfg) == fused
+        fast.accelerate(model)
+    monkeypatch.setattr(fast_decode, "MAX_CANDIDATES", 0)  # every step falls back to the full head on xn
+    before = model.greedy_head.full_heads
+    assert generate(model, [5, 9, 300], gcfg) == fused
+    assert model.greedy_head.full_heads - before == 23
 
 
 # ---- the one-call decode step ---------------------------------------------------------------------

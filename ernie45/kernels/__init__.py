@@ -118,6 +118,7 @@ def _build() -> ctypes.CDLL:
     handle.ernie45_gemv.restype = None
     handle.ernie45_moe_token.restype = None
     handle.ernie45_decode.restype = None
+    handle.ernie45_greedy_step.restype = ctypes.c_long
     if handle.ernie45_decode_phases() != len(DECODE_PHASES):
         raise RuntimeError("decode.c's phases and kernels.DECODE_PHASES disagree")
     handle.ernie45_head_screen.restype = ctypes.c_float
@@ -305,6 +306,23 @@ def decode(model_t, layers, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: t
         raise ValueError(f"prof must be float64 [{len(DECODE_PHASES)}] (kernels.DECODE_PHASES)")
     _require().ernie45_decode(model_t, layers, _ptr(x), int(pos), _ptr(cos), _ptr(sin), _ptr(scratch),
                               torch.get_num_threads(), None if prof is None else _ptr(prof))
+
+
+def greedy_step(model_t, layers, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor,
+                scratch: torch.Tensor, prof: torch.Tensor | None, norm_weight: torch.Tensor, xn: torch.Tensor,
+                head, slack: float, max_candidates: int) -> int:
+    """`decode`, then the final RMSNorm into xn [D] (fp32) and the exact greedy head `head` (a
+    greedy_head.GreedyHead with C rows) in the same call: the token id, or -1 when more than
+    max_candidates rows could win (run the full head on xn then)."""
+    V, D = head.q.shape
+    xq = torch.empty(D, dtype=torch.int8)
+    a, b, idx = head._buffers
+    return int(_require().ernie45_greedy_step(
+        model_t, layers, _ptr(x), int(pos), _ptr(cos), _ptr(sin), _ptr(scratch), torch.get_num_threads(),
+        None if prof is None else _ptr(prof), _ptr(norm_weight), _ptr(xn), _ptr(xq), _ptr(head.q),
+        ctypes.c_long(head.q.stride(0)), _ptr(head.scale), _ptr(head.abs_q), V, ctypes.c_float(slack),
+        ctypes.c_void_p(head.rows.data.data_ptr()), ctypes.c_long(head.rows.view.ld), head.rows.kind, _ptr(a), _ptr(b),
+        _ptr(idx), ctypes.c_long(max_candidates)))
 
 
 def head_screen(q: torch.Tensor, scale: torch.Tensor, abs_q: torch.Tensor, xq: torch.Tensor, sx: float,

@@ -268,3 +268,36 @@ void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, 
         mark(ck, P_RESIDUAL);
     }
 }
+
+/* One greedy decode step in one call: ernie45_decode, the final RMSNorm (norm_w [D], activation dtype)
+ * into xn [D], and greedy_head.py's exact screened argmax over the head: x rounded to int8 (sx = max|x| /
+ * 127, half to even; xq [D] scratch), ernie45_head_screen over the int8 head hq [V, D] (scale, sum |q| per
+ * row, relative slack) into a, b [V], the candidate rows into idx [V], and ernie45_head_exact over them in
+ * the head's own weights hw (kind 0 fp32 / 1 bf16). Returns the token id, or -1 when more than max_cand
+ * rows can still win (the caller then runs the full head on xn). Saves the ~30 torch and ctypes calls per
+ * token between these steps, which run slowly on caches the weights just streamed through. */
+long ernie45_greedy_step(const model_t *m, const layer_t *layers, float *x, int pos, const float *cs, const float *sn,
+                         float *scratch, int threads, double *prof, const void *norm_w, float *xn, int8_t *xq,
+                         const int8_t *hq, long hq_ld, const float *hscale, const float *habsq, int V, float slack,
+                         const void *hw, long hw_ld, int hw_kind, float *a, float *b, long *idx, long max_cand) {
+    ernie45_decode(m, layers, x, pos, cs, sn, scratch, threads, prof);
+    rms_norm(m, norm_w, x, xn);  /* the final norm has the layers' eps (config.rms_norm_eps) */
+    const int D = m->D;
+    double l1 = 0.;
+    float mx = 0.f;
+    for (int i = 0; i < D; i++) {
+        l1 += fabsf(xn[i]);
+        mx = fabsf(xn[i]) > mx ? fabsf(xn[i]) : mx;
+    }
+    if (!isfinite(l1)) return -1;  /* NaN or infinity: the full head gives the reference's answer */
+    const float sx = mx > 0.f ? (float)((double)mx / 127.) : 1.f;
+    for (int i = 0; i < D; i++) {
+        const float r = nearbyintf(xn[i] / sx);  /* round half to even (the default rounding mode) */
+        xq[i] = (int8_t)(r > 127.f ? 127.f : r < -127.f ? -127.f : r);
+    }
+    const float floor = ernie45_head_screen(hq, hq_ld, hscale, habsq, xq, sx, (float)(0.5 * l1), sx / 2, slack, D, V,
+                                            a, b, threads);
+    const long count = ernie45_head_candidates(a, b, floor, V, idx);
+    if (count > max_cand) return -1;
+    return ernie45_head_exact(hw, hw_ld, hw_kind, idx, count, xn, D, threads);
+}
