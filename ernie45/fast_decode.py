@@ -7,8 +7,11 @@ then one call per token runs all layers, writing K/V into the same `cache.KVCach
 path uses (so prefill can run through the modules and decode through C, or any mix).
 
 `accelerate` (fast.py) installs it as `model.model._decoder` when every layer qualifies (see
-`Decoder.build`); `FastErnie45Model.forward` uses it for one token with a KVCache of batch 1 and falls
+`Decoder.__init__`); `FastErnie45Model.forward` uses it for one token with a KVCache of batch 1 and falls
 back to the modules for everything else (prefill, the paged engine, MTP, parallel ranks).
+`FastErnie45Model.greedy_step` goes one step further for greedy generation: trunk, final norm and the
+exact greedy head (greedy_head.py) in one C call that returns the next token id, so no torch call runs
+between them (generation.generate_stream uses it; tests/test_fast.py holds it to the separate calls).
 
 Shape legend: D hidden, Nq/Nkv heads, Dh head_dim, F MLP width, E experts, S_max cache slots.
 """
