@@ -95,6 +95,7 @@ class Decoder:
         self.inv_freq = model.inv_freq
         self.embed = model.embed_tokens.weight
         self._bound: KVCache | None = None
+        self._head_rows = (torch.empty(cfg.hidden_size), torch.empty(cfg.hidden_size, dtype=torch.int8))
         self._rope_start, self._rope_table = -1, None
 
     def _view(self, module, stacked=None) -> kernels.Weights:
@@ -196,9 +197,9 @@ class Decoder:
         """`step`, the final norm and the exact greedy head (`head.in_c`) in one C call -> the next token id:
         the same token as `head(norm(step(...)))`, without the torch calls between them."""
         x, cos, sin, scratch = self._inputs(token, pos, cache)
-        xn = torch.empty(self.cfg.hidden_size)
+        xn, xq = self._head_rows  # the normed row and its int8 rounding, written by the C step
         out = kernels.greedy_step(ctypes.byref(self.model_t), self.layers, x, pos, cos, sin, scratch, prof,
-                                  norm_weight, xn, head, head.slack, MAX_CANDIDATES)
+                                  norm_weight, xn, xq, head, head.slack, MAX_CANDIDATES)
         self._written(pos, cache)
         if out < 0:  # too many rows could win (or a non-finite hidden state): the full head decides
             head.full_heads += 1

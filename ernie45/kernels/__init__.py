@@ -310,12 +310,11 @@ def decode(model_t, layers, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: t
 
 def greedy_step(model_t, layers, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor,
                 scratch: torch.Tensor, prof: torch.Tensor | None, norm_weight: torch.Tensor, xn: torch.Tensor,
-                head, slack: float, max_candidates: int) -> int:
+                xq: torch.Tensor, head, slack: float, max_candidates: int) -> int:
     """`decode`, then the final RMSNorm into xn [D] (fp32) and the exact greedy head `head` (a
-    greedy_head.GreedyHead with C rows) in the same call: the token id, or -1 when more than
-    max_candidates rows could win (run the full head on xn then)."""
-    V, D = head.q.shape
-    xq = torch.empty(D, dtype=torch.int8)
+    greedy_head.GreedyHead with C rows; xq [D] int8 scratch) in the same call: the token id, or -1 when
+    more than max_candidates rows could win (run the full head on xn then)."""
+    V = head.q.shape[0]
     a, b, idx = head._buffers
     return int(_require().ernie45_greedy_step(
         model_t, layers, _ptr(x), int(pos), _ptr(cos), _ptr(sin), _ptr(scratch), torch.get_num_threads(),

@@ -107,19 +107,13 @@ static void qkv(const model_t *m, const layer_t *L, const float *h, float *q, fl
         return;
     }
     prep_act(&L->q, h, 1, D, xp, xs);
-    const int N = qd + 2 * kd;
 #pragma omp for schedule(static)
-    for (int p = 0; p < (N + 1) / 2; p++) {  /* pairs of rows (rows_at); one spanning two weights splits */
-        for (int n = 2 * p; n < 2 * p + 2 && n < N;) {
-            const wview *w = n < qd ? &L->q : n < qd + kd ? &L->k : &L->v;
-            const long r = n < qd ? n : n < qd + kd ? n - qd : n - qd - kd;
-            const int end = n < qd ? qd : n < qd + kd ? qd + kd : N;  /* this weight's last row + 1 */
-            const int R = end - n < 2 * p + 2 - n ? end - n : 2 * p + 2 - n;
-            float o[2];
-            rows_at(w, r, R, h, xp, xs, D, o);
-            for (int j = 0; j < R; j++) q[n + j] = rnd(m->bf16, o[j]);
-            n += R;
-        }
+    for (int n = 0; n < qd + 2 * kd; n++) {
+        const wview *w = n < qd ? &L->q : n < qd + kd ? &L->k : &L->v;
+        const long r = n < qd ? n : n < qd + kd ? n - qd : n - qd - kd;
+        float o;
+        rows_at(w, r, 1, h, xp, xs, D, &o);
+        q[n] = rnd(m->bf16, o);
     }
 }
 
@@ -201,14 +195,14 @@ static void route(const model_t *m, const layer_t *L, float *logits, long *ids, 
     }
 }
 
-/* x [D] (the residual stream, values of the activation dtype) -> after every trunk layer, in place.
- * scratch floats: 6*D + 2*Nq*Dh + 2*Nkv*Dh + Nq*(pos+1) + 3*max_h + 2*max(D, max_f, Nq*Dh) + 4*64. */
 /* Phases of the step that `prof` (when not NULL) accumulates seconds into, summed over layers. */
 enum { P_NORM_QKV, P_ROPE_KV, P_ATTEND, P_O_NORM, P_ROUTER, P_EXPERTS_GU, P_EXPERTS_DOWN, P_SHARED_GU,
        P_SHARED_DOWN, P_DENSE_GU, P_DENSE_DOWN, P_RESIDUAL, P_COUNT };
 
 int ernie45_decode_phases(void) { return P_COUNT; }
 
+/* x [D] (the residual stream, values of the activation dtype) -> after every trunk layer, in place.
+ * scratch floats: 6*D + 2*Nq*Dh + 2*Nkv*Dh + Nq*(pos+1) + 3*max_h + 2*max(D, max_f, Nq*Dh) + 4*64. */
 void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, const float *cs, const float *sn,
                     float *scratch, int threads, double *prof) {
     const int D = m->D, qd = m->Nq * m->Dh, kd = m->Nkv * m->Dh;

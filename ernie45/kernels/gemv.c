@@ -339,7 +339,8 @@ static inline __attribute__((always_inline)) void dot_q4_rows(const wview *v, lo
     for (int g = 0; g < groups; g++) {
         __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
 #if VNNI  /* the same bytes meet in the same int32 lanes, summed without the int16 stage */
-        __m256i A[2] = {acc[0], acc[1]}, B[2] = {acc[0], acc[1]};  /* all zero */
+        const __m256i zero = _mm256_setzero_si256();
+        __m256i A[2] = {zero, zero}, B[2] = {zero, zero};
         for (int c = 0; c < chunks; c++) {
             const long chunk = (long)g * chunks + c;
             const int8_t *h = xh + chunk * 64;

@@ -91,8 +91,7 @@ static void experts_into(int bf16, const wview *gate, const wview *up, const wvi
     mark(clock, phase);  /* gate and up (with each h_i prepared for down) */
     for (int i = 0; i < n; i++) {
         const wview d = at_expert(down, ids[i], w_stride_d, s_stride_d);
-        const float *hi = h + (long)i * F;
-        if (!fuse) prep_act(&d, hi, 1, F, (float *)XP2(i), XS2(i));  /* float kinds: nothing to prepare */
+        const float *hi = h + (long)i * F;  /* integer kinds: prepared in the first pass; float: used as is */
 #pragma omp for schedule(static) nowait
         for (int p = 0; p < (D + 1) / 2; p++) {  /* y += coef * down_e h, two rows at a time */
             const int r0 = 2 * p, R = D - r0 < 2 ? D - r0 : 2;
@@ -115,11 +114,10 @@ static void experts_into(int bf16, const wview *gate, const wview *up, const wvi
 static void rows_one(const wview *v, const float *x, int K, int N, float *y, const float *xp, const float *xs,
                      int bf16) {
 #pragma omp for schedule(static)
-    for (int p = 0; p < (N + 1) / 2; p++) {  /* pairs of rows (rows_at) */
-        const int n = 2 * p, R = N - n < 2 ? N - n : 2;
-        float o[2];
-        rows_at(v, n, R, x, xp, xs, K, o);
-        for (int j = 0; j < R; j++) y[n + j] = bf16 ? round_bf16(o[j]) : o[j];
+    for (int n = 0; n < N; n++) {
+        float o;
+        rows_at(v, n, 1, x, xp, xs, K, &o);
+        y[n] = bf16 ? round_bf16(o) : o;
     }
 }
 
