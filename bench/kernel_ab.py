@@ -6,12 +6,15 @@ every round times one sweep of each, back to back, over the same weights (far mo
 cache, so every sweep reads them from memory); the median of the per-round ratios is robust to the drift.
 Outputs must be bit-identical between the versions (checked) unless --allow-different.
 
-    python bench/kernel_ab.py [--base REV] [--other DIR] [--rounds 15] [--threads 2] [--out DIR]
+    python bench/kernel_ab.py [--base REV] [--other DIR] [--rounds 15] [--threads 2] [--rows 1] [--out DIR]
 
 base: the kernel sources at git revision REV (default HEAD); other: a kernels directory (default the
 working tree's ernie45/kernels). Measured: `ernie45_gemv` on cold int4 weights of the bench model's
-shapes (q/k/v rows 2560 x 1024, an expert's down 1024 x 256) and `ernie45_moe_token`, one token through
-top-6 of 64 int4 experts (1024 x 256 each) per layer, over 7 layers. Writes kernel_ab.json and .md.
+shapes (q/k/v rows 2560 x 1024, an expert's down 1024 x 256) for each count of activation rows in --rows
+(1: decode; 32: a serving batch; 512: a prefill), `ernie45_moe_token`, one token through top-6 of 64 int4
+experts (1024 x 256 each) per layer, over 7 layers, and with --rows above 1 `ernie45_moe_tokens`, a
+decode batch of 32 tokens through the same experts. Writes kernel_ab.json and .md; rates are weight
+bytes per second (with many rows the kernels are bound by compute, not by the weights' bytes).
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ def build(src: Path, out: Path) -> ctypes.CDLL:
     if done.returncode:
         raise SystemExit(f"compiling {src}: {done.stderr[:800]}")
     lib = ctypes.CDLL(str(out))
-    lib.ernie45_gemv.restype = lib.ernie45_moe_token.restype = None
+    lib.ernie45_gemv.restype = lib.ernie45_moe_token.restype = lib.ernie45_moe_tokens.restype = None
+    lib.moe_tokens_takes_max_rows = "int max_rows" in (src / "moe.c").read_text()
     return lib
 
 
@@ -68,17 +72,51 @@ def _p(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def gemv_case(N: int, K: int, threads: int, sweep_bytes: float):
-    """(sweep(lib) -> output, bytes per sweep) for enough N x K int4 weights to fill sweep_bytes."""
-    ws = [int4(N, K) for _ in range(max(2, int(sweep_bytes // (N * K // 2))))]
-    x, y = torch.randn(len(ws), K), torch.empty(len(ws), N)
-    xp, xs = torch.empty(K), torch.empty(K)
+def gemv_case(N: int, K: int, threads: int, sweep_bytes: float, M: int = 1):
+    """(sweep(lib) -> output, bytes per sweep) for enough N x K int4 weights to fill sweep_bytes (divided by
+    M: many rows make a sweep compute-bound), each times M activation rows."""
+    ws = [int4(N, K) for _ in range(max(2, int(sweep_bytes / M // (N * K // 2))))]
+    x, y = torch.randn(len(ws), M, K), torch.empty(len(ws), M, N)
+    xp, xs = torch.empty(M * K), torch.empty(M * K)
 
     def sweep(lib):
         for i, w in enumerate(ws):
-            lib.ernie45_gemv(ctypes.byref(w.view), _p(x[i]), 1, K, N, _p(y[i]), _p(xp), _p(xs), threads)
+            lib.ernie45_gemv(ctypes.byref(w.view), _p(x[i]), M, K, N, _p(y[i]), _p(xp), _p(xs), threads)
         return y.clone()
     return sweep, sum(w.nbytes for w in ws)
+
+
+def moe_tokens_case(threads: int, tokens: int = 32):
+    """A decode batch: `tokens` tokens through top-k experts of each layer's int4 stacks (at most 64 rows per
+    expert, so versions before moe_tokens took a row limit run it too); bytes = the experts it reads."""
+    E, D, F, k, L = (MOE[n] for n in ("E", "D", "F", "k", "layers"))
+    stacks = [(int4(F, D, E), int4(F, D, E), int4(D, F, E)) for _ in range(L)]
+    gen = torch.Generator().manual_seed(1)
+    pairs = []
+    for _ in range(L):
+        ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(tokens)])  # [T, k]
+        tok = torch.arange(tokens).repeat_interleave(k)
+        order = torch.argsort(ids.flatten(), stable=True)
+        pairs.append((ids.flatten()[order].contiguous(), tok[order].contiguous()))
+    coef, x = torch.rand(tokens * k, generator=gen), torch.randn(tokens, D, generator=gen)
+    y = torch.zeros(L, tokens, D)
+    R = 64
+    X, Y, G, U = torch.empty(R * D), torch.empty(R * D), torch.empty(R * F), torch.empty(R * F)
+    xp, xs = torch.empty(R * max(D, F)), torch.empty(R * max(D, F))
+    (wgu, sgu), (wd, sd) = stacks[0][0].expert_strides(), stacks[0][2].expert_strides()
+
+    def sweep(lib):
+        y.zero_()
+        for i, (g, u, d) in enumerate(stacks):
+            ids, tok = pairs[i]
+            rows = (R,) if lib.moe_tokens_takes_max_rows else ()
+            lib.ernie45_moe_tokens(ctypes.byref(g.view), ctypes.byref(u.view), ctypes.byref(d.view), ctypes.c_long(wgu),
+                                   ctypes.c_long(sgu), ctypes.c_long(wd), ctypes.c_long(sd), _p(ids), _p(tok), _p(coef),
+                                   len(ids), *rows, _p(x), D, F, _p(y[i]), _p(X), _p(G), _p(U), _p(Y), _p(xp), _p(xs),
+                                   1, threads)
+        return y.clone()
+    used = {int(e) for ids, _ in pairs for e in ids.unique()}
+    return sweep, L * len(used) // L * sum(w.nbytes for w in stacks[0]) // E
 
 
 def moe_case(threads: int):
@@ -117,6 +155,7 @@ def compare(sweep, nbytes: int, libs: dict, rounds: int, allow_different: bool) 
     a, b = (times[n] for n in libs)
     ratios = [ta / tb for ta, tb in zip(a, b)]  # > 1: other is faster
     return {"bytes": nbytes, "bit_identical": identical,
+            "ms_median": {n: 1e3 * statistics.median(t) for n, t in times.items()},
             "gb_s": {n: {"best": nbytes / min(t) / 1e9, "median": nbytes / statistics.median(t) / 1e9}
                      for n, t in times.items()},
             "speed_ratio_median": statistics.median(ratios), "speed_ratio_min": min(ratios),
@@ -127,11 +166,12 @@ def report(res: dict) -> str:
     lines = ["# Kernel A/B in one process", "", f"Command: `{res['command']}`", "",
              f"base = `{res['base']}`, other = `{res['other']}`; kernels built for {res['isa']}; {res['threads']} "
              f"threads; {res['rounds']} alternating rounds; load average {res['loadavg']} at the end.", "",
-             "| case | MB per sweep | base GB/s (median) | other GB/s (median) | other / base speed, median (min-max) "
-             "| bit-identical |", "|---|---|---|---|---|---|"]
+             "| case | MB per sweep | base ms (GB/s), median | other ms (GB/s), median | other / base speed, median "
+             "(min-max) | bit-identical |", "|---|---|---|---|---|---|"]
     for name, r in res["cases"].items():
-        g = r["gb_s"]
-        lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {g['base']['median']:.1f} | {g['other']['median']:.1f} | "
+        g, ms = r["gb_s"], r["ms_median"]
+        lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {ms['base']:.2f} ({g['base']['median']:.2f}) | "
+                     f"{ms['other']:.2f} ({g['other']['median']:.2f}) | "
                      f"{r['speed_ratio_median']:.3f} ({r['speed_ratio_min']:.2f}-{r['speed_ratio_max']:.2f}) | "
                      f"{'yes' if r['bit_identical'] else 'no'} |")
     lines += ["", "Each round times one sweep of base, then one of other, over the same cold weights; the ratio is "
@@ -149,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sweep-mb", type=float, default=64, help="int4 bytes per gemv sweep (default 64: twice a large "
                    "last-level cache, so every sweep reads from memory)")
+    p.add_argument("--rows", type=lambda v: [int(r) for r in v.split(",")], default=[1],
+                   help="comma-separated activation rows per gemv call (default 1: decode; e.g. 1,32,512)")
     p.add_argument("--allow-different", action="store_true", help="time versions whose outputs differ")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
@@ -159,9 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "base").mkdir()
         libs = {"base": build(sources_at(args.base, tmp / "base"), tmp / "base.so"),
                 "other": build(args.other, tmp / "other.so")}
-        cases = {f"gemv int4 {N} x {K}": gemv_case(N, K, args.threads, args.sweep_mb * 1e6) for N, K in GEMV_SHAPES}
+        cases = {f"gemv int4 {N} x {K}" + (f", {M} rows" if M > 1 else ""):
+                 gemv_case(N, K, args.threads, args.sweep_mb * 1e6, M) for M in args.rows for N, K in GEMV_SHAPES}
         cases[f"moe_token int4 top-{MOE['k']} of {MOE['E']} ({MOE['D']} x {MOE['F']}), {MOE['layers']} layers"] = \
             moe_case(args.threads)
+        if max(args.rows) > 1:
+            cases[f"moe_tokens int4, 32 tokens x top-{MOE['k']} of {MOE['E']}, {MOE['layers']} layers"] = \
+                moe_tokens_case(args.threads)
         results = {name: compare(sweep, nbytes, libs, args.rounds, args.allow_different)
                    for name, (sweep, nbytes) in cases.items()}
     res = {"command": "python bench/kernel_ab.py " + " ".join(argv), "base": args.base, "other": str(args.other),

@@ -105,8 +105,10 @@ def prefill_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
-def kernel_rows(weights: kernels.Weights) -> int:
-    """Rows up to which a kernel call beats the GEMM route for these weights."""
+def kernel_rows(weights: kernels.Weights) -> int | float:
+    """Rows up to which a kernel call beats the GEMM route for these weights (int4: any number)."""
+    if weights.tiled:
+        return float("inf")
     if weights.kind == kernels.KINDS[torch.float32]:
         return DECODE_ROWS
     if weights.kind == kernels.KINDS[torch.bfloat16] and native_bf16():
@@ -162,7 +164,8 @@ class _FastGrouped:
             return y.to(x.dtype)[None]
         order = torch.argsort(expert, stable=True)  # by expert, ascending token within: the reference order
         expert = expert[order]
-        if expert.numel() and int(torch.bincount(expert).max()) <= kernel_rows(gate):  # decode batches
+        # decode batches; every prefill of int4 experts (moe_tokens takes MAX_ROWS of an expert at a time)
+        if expert.numel() and int(torch.bincount(expert).max()) <= min(map(kernel_rows, stack)):
             out = kernels.moe_tokens(gate, up, down, expert, token[order], weight[order].float(), x,
                                      bf16=x.dtype == torch.bfloat16)
             return out.to(x.dtype)

@@ -131,10 +131,10 @@ def test_kernel_ab_times_two_kernel_versions(tmp_path):
         pytest.skip("not a git checkout (kernel_ab.py reads the base sources with git)")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(REPO / "bench" / "kernel_ab.py"), "--rounds", "2", "--sweep-mb", "1", "--threads", "1",
-           "--allow-different", "--out", str(tmp_path)]
+           "--rows", "1,3", "--allow-different", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "kernel_ab.json").read_text())
-    assert len(res["cases"]) == 3
+    assert len(res["cases"]) == 6  # gemv: two shapes x two row counts; moe_token; moe_tokens
     for case in res["cases"].values():
         assert case["speed_ratio_median"] > 0 and case["gb_s"]["base"]["median"] > 0

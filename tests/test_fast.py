@@ -246,6 +246,31 @@ def test_grouped_experts_for_a_decode_batch_match_reference(dtype, scheme):
         assert (got.float() - want.float()).abs().max() <= 2 ** -6 * want.float().abs().max()
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_grouped_experts_of_a_prefill_run_in_the_kernels_token_by_token_exact(dtype, scheme):
+    """A prefill's experts (int8/int4) go through one moe_tokens call even with more than MAX_ROWS rows per
+    expert (taken MAX_ROWS at a time): each token's output is bit for bit what it gets alone."""
+    # experts 64 wide: int4 down rows in whole 64-column groups, which the tiles take (32 would not)
+    model = quantize_model(_keep_fp32(tiny_model(dtype, seed=16, moe_intermediate_size=64)), scheme)
+    fast.accelerate(model)
+    experts = model.model.layers[1].mlp.experts
+    T, k = kernels.MAX_ROWS + 30, 6
+    x = torch.randn(T, 64).to(dtype)
+    idx = torch.stack([torch.randperm(8)[:k] for _ in range(T)])  # 8 experts share 564 pairs: > 64 rows each
+    w = torch.softmax(torch.randn(T, k), -1).to(dtype)
+    calls = []
+    real = kernels.moe_tokens
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "moe_tokens", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        got = experts(x, w, idx)
+    assert calls == [1]
+    with torch.no_grad():
+        alone = torch.cat([experts(x[t:t + 1], w[t:t + 1], idx[t:t + 1]) for t in range(T)])
+    assert torch.equal(got, alone)
+
+
 # ---- attention ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attend_gqa_matches_reference(dtype):
@@ -335,7 +360,9 @@ def test_bf16_kernel_rows_follow_the_cpu(monkeypatch, mode):
     weights = kernels.Weights(torch.bfloat16, w, 256)
     assert fast.kernel_rows(weights) == (fast.NATIVE_BF16_KERNEL_ROWS if mode == "native" else fast.KERNEL_MAX_ROWS)
     assert fast.kernel_rows(kernels.Weights("int8", torch.zeros(4, 256, dtype=torch.int8), 256,
-                                            torch.ones(4))) == fast.KERNEL_MAX_ROWS
+                                            torch.ones(4))) == float("inf")  # tiled: any number of rows
+    assert fast.kernel_rows(kernels.Weights("int2", torch.zeros(4, 64, dtype=torch.uint8), 256, torch.ones(4, 4),
+                                            torch.zeros(4, 4), 64)) == fast.KERNEL_MAX_ROWS
     lin = nn.Linear(256, 300, bias=False).to(torch.bfloat16)
     lin.weight.data.copy_(w)
     x = torch.randn(40, 256).to(torch.bfloat16)

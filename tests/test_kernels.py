@@ -32,17 +32,23 @@ def test_gemv_float_kinds(kind, M):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind", [torch.float32, torch.bfloat16, "int8", "int4"])
-def test_gemv_rows_do_not_depend_on_batch(kind):
-    """Several activation rows reuse each converted weight block, with the one-row lane order."""
+@pytest.mark.parametrize("kind,K", [(torch.float32, 1536), (torch.bfloat16, 1536), ("int8", 1536), ("int8", 208),
+                                    ("int4", 1536)])
+def test_gemv_rows_do_not_depend_on_batch(kind, K):
+    """Several activation rows reuse each converted weight block (float kinds, up to 64 rows) or run in
+    tiles of weight rows by activation rows (int4), with the one-row results bit for bit; integer kinds
+    take any number of rows (a prefill's)."""
     torch.manual_seed(5)
-    x, w = torch.randn(40, 1536), torch.randn(70, 1536)
-    weights = (kernels.Weights(kind, w.to(kind), 1536) if not isinstance(kind, str) else
-               _quant_weights(quantize_rtn(w, get_format(kind)), 1536))
+    w = torch.randn(71, K)  # odd: the last weight row runs alone; K = 208: int8's 16-column tail
+    integer = isinstance(kind, str)
+    x = torch.randn(70 if integer else 40, K)  # 70 = 17 tiles of 4 + 2 (VNNI), 35 of 2 (AVX2)
+    weights = (_quant_weights(quantize_rtn(w, get_format(kind)), K) if integer else
+               kernels.Weights(kind, w.to(kind), K))
     together = kernels.gemv(weights, x)
-    assert torch.equal(together, torch.cat([kernels.gemv(weights, x[i:i + 1]) for i in range(40)]))
-    with pytest.raises(ValueError, match="at most 64"):
-        kernels.gemv(weights, torch.randn(65, 1536))
+    assert torch.equal(together, torch.cat([kernels.gemv(weights, x[i:i + 1]) for i in range(len(x))]))
+    if not integer:
+        with pytest.raises(ValueError, match="at most 64"):
+            kernels.gemv(weights, torch.randn(65, K))
 
 
 def _quant_weights(qw, K):

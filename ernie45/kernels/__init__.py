@@ -189,6 +189,13 @@ class Weights:
         """int8/int4/int2: dot products in integers on int16-rounded activations (gemv.c's header)."""
         return self.kind >= 2
 
+    @property
+    def tiled(self) -> bool:
+        """int8, and int4 with groups of 64k columns: gemv.c's dot_i8_tile / dot_q4_tile take any number of
+        activation rows in tiles, at the speed of torch's own GEMM routes for these weights
+        (bench/kernel_ab.py --rows), so callers need no row limit."""
+        return self.kind == KINDS["int8"] or (self.kind == KINDS["int4"] and self.group % 64 == 0)
+
     def expert_strides(self) -> tuple[int, int]:
         """(bytes, scale elements) between consecutive stacked experts."""
         w = self.data.stride(0) * self.data.element_size()
@@ -244,11 +251,13 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
 
 
 def gemv(w: Weights, x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (any float dtype) -> fp32 [M, N] = x @ W^T, reading each weight once per call."""
+    """x [M, K] (any float dtype) -> fp32 [M, N] = x @ W^T, reading each weight once per call.
+
+    Float kinds take at most MAX_ROWS rows; integer kinds any number (their tiles keep no per-row state)."""
     x = x.float().contiguous()
     M, K = x.shape
-    if M > MAX_ROWS:
-        raise ValueError(f"gemv takes at most {MAX_ROWS} activation rows, got {M}; use a GEMM")
+    if M > MAX_ROWS and not w.integer:
+        raise ValueError(f"gemv takes at most {MAX_ROWS} activation rows of float weights, got {M}; use a GEMM")
     y = torch.empty(M, w.out_features)
     xp, xs = (torch.empty(M * K), torch.empty(M * K)) if w.integer else (_NO_SCRATCH, _NO_SCRATCH)
     _require().ernie45_gemv(ctypes.byref(w.view), _ptr(x), M, K, w.out_features, _ptr(y), _ptr(xp), _ptr(xs),
@@ -369,16 +378,15 @@ def moe_tokens(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, tok
                x: torch.Tensor, bf16: bool) -> torch.Tensor:
     """(token, expert, weight) pairs [P] sorted by expert then token -> fp32 [T, D] = sum of weighted experts.
 
-    Each expert runs once on all its rows; the same order and rounding as moe.Experts.grouped.
+    Each expert runs once on all its rows, MAX_ROWS at a time (a prefill's experts have more); the same
+    order and rounding as moe.Experts.grouped.
     """
     _require_gate_up(gate, up)
     x = x.float().contiguous()
     T, D = x.shape
     F = gate.out_features
     ids, tok, coef = ids.to(torch.long).contiguous(), tok.to(torch.long).contiguous(), coef.float().contiguous()
-    rows = int(torch.bincount(ids).max()) if ids.numel() else 0
-    if rows > MAX_ROWS:
-        raise ValueError(f"moe_tokens takes at most {MAX_ROWS} rows per expert, got {rows}")
+    rows = min(int(torch.bincount(ids).max()), MAX_ROWS) if ids.numel() else 0
     y = torch.zeros(T, D)
     width = max(D, F)
     X, Y = torch.empty(rows * D), torch.empty(rows * D)
@@ -388,7 +396,7 @@ def moe_tokens(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, tok
     wd, sd = down.expert_strides()
     _require().ernie45_moe_tokens(ctypes.byref(gate.view), ctypes.byref(up.view), ctypes.byref(down.view),
                                   ctypes.c_long(wgu), ctypes.c_long(sgu), ctypes.c_long(wd), ctypes.c_long(sd),
-                                  _ptr(ids), _ptr(tok), _ptr(coef), int(ids.numel()), _ptr(x), D, F, _ptr(y),
+                                  _ptr(ids), _ptr(tok), _ptr(coef), int(ids.numel()), rows, _ptr(x), D, F, _ptr(y),
                                   _ptr(X), _ptr(G), _ptr(U), _ptr(Y), _ptr(xp), _ptr(xs), int(bf16),
                                   torch.get_num_threads())
     return y

@@ -268,6 +268,99 @@ static float dot_i8(const wview *v, long n, const int16_t *xi, const float *sx, 
     return hsum8(tot) * v->s[n];
 }
 
+/* Sums of unsigned x signed byte products, four per int32 lane (VNNI: vpdpbusd) or two per int16 lane
+ * (AVX2: vpmaddubsw, exact while |sum| < 2^15: the int4 callers add at most 4 products of 255 * 15 or
+ * 15 * 128 per lane before fold_hi_lo), and the int32 value 256 * A + B of the sums against x's high and
+ * low bytes. Both builds sum the same integers into the same int32 lanes. */
+static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if VNNI
+    return _mm256_dpbusd_epi32(acc, u, s);
+#else
+    return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s));
+#endif
+}
+
+static inline __m256i fold_hi_lo(__m256i A, __m256i B) {
+#if VNNI
+    return _mm256_add_epi32(_mm256_slli_epi32(A, 8), B);
+#else
+    return _mm256_add_epi32(_mm256_madd_epi16(A, _mm256_set1_epi16(256)), _mm256_madd_epi16(B, _mm256_set1_epi16(1)));
+#endif
+}
+
+/* dot_i8 for R consecutive rows n.. and C prepared activation rows at once (R <= TILE_R, C <= TILE_C,
+ * constants after inlining: the tile sizes of dot_q4_tile below), each weight load widened once for the C
+ * rows and each activation load shared by the R rows; every (row, activation) pair gets dot_i8's integer
+ * sums and float steps, so the bits do not depend on the tiling (tested). xi: activation row 0 (rows K
+ * apart); xs: its block steps (rows 2 * K / ACT_BLOCK floats apart, as prep_int lays them); out[c * ldo + r]. */
+#define TILE_R 2
+#if VNNI  /* 32 vector registers */
+#define TILE_C 4
+#else     /* 16 */
+#define TILE_C 2
+#endif
+
+static inline __attribute__((always_inline)) void dot_i8_tile(const wview *v, long n, const int R, const int16_t *xi,
+                                                              const float *xs, const int C, int K, long ldo,
+                                                              float *out) {
+    const int nb = act_blocks(v, K);
+    const int8_t *row[TILE_R];
+    for (int r = 0; r < R; r++) row[r] = (const int8_t *)((const char *)v->w + (n + r) * v->ld);
+    __m256 tot[TILE_R][TILE_C];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) tot[r][c] = _mm256_setzero_ps();
+    for (int k0 = 0, b = 0; k0 < K; k0 += ACT_BLOCK, b++) {
+        const int ke = K - k0 < ACT_BLOCK ? K : k0 + ACT_BLOCK;
+        __m256i a[TILE_R][TILE_C];
+        int k = k0;
+        for (int r = 0; r < R; r++) prefetch_ahead(row[r] + k0);
+#if VNNI
+        __m512i z[TILE_R][TILE_C];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++) z[r][c] = _mm512_setzero_si512();
+        for (; k + 32 <= ke; k += 32) {
+            __m512i w[TILE_R];
+            for (int r = 0; r < R; r++) w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row[r] + k)));
+            for (int c = 0; c < C; c++) {
+                const __m512i x = _mm512_loadu_si512((const void *)(xi + (long)c * K + k));
+                for (int r = 0; r < R; r++) z[r][c] = _mm512_dpwssd_epi32(z[r][c], w[r], x);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++)
+                a[r][c] = _mm256_add_epi32(_mm512_castsi512_si256(z[r][c]), _mm512_extracti64x4_epi64(z[r][c], 1));
+#else
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++) a[r][c] = _mm256_setzero_si256();
+        for (; k + 32 <= ke; k += 32) {
+            __m256i w0[TILE_R], w1[TILE_R];
+            for (int r = 0; r < R; r++) {
+                w0[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row[r] + k)));
+                w1[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row[r] + k + 16)));
+            }
+            for (int c = 0; c < C; c++) {
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xi + (long)c * K + k));
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xi + (long)c * K + k + 16));
+                for (int r = 0; r < R; r++)
+                    a[r][c] = _mm256_add_epi32(a[r][c], _mm256_add_epi32(_mm256_madd_epi16(w0[r], x0),
+                                                                         _mm256_madd_epi16(w1[r], x1)));
+            }
+        }
+#endif
+        if (k < ke)  /* K % 32 == 16 */
+            for (int r = 0; r < R; r++) {
+                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row[r] + k)));
+                for (int c = 0; c < C; c++)
+                    a[r][c] = _mm256_add_epi32(a[r][c], _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(xi + (long)c * K + k))));
+            }
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++)
+                tot[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][c]), _mm256_set1_ps(xs[(long)c * 2 * nb + b]), tot[r][c]);
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) out[c * ldo + r] = hsum8(tot[r][c]) * v->s[n + r];
+}
+
 /* sum_g (z_g - mid * s_g) * xsum_g: the zero points' share of a packed row's dot product, 8 groups a step. */
 static inline float group_offset(const float *s, const float *z, const float *xsum, int groups, float mid) {
     __m256 acc = _mm256_setzero_ps();
@@ -316,80 +409,80 @@ static inline float dot_packed_bits(const wview *v, long n, const int16_t *xi, c
  * each permuted per 32-byte chunk as [codes of the low nibbles, of the high nibbles]: q . x =
  * 256 * (q . hi) + (q . lo), both with vpmaddubsw (u8 x s8 pairs: 2*15*128 and 2*255*15 fit int16, and
  * two chunks' sums still do), widened once per two chunks: ~2/3 of the integer work of dot_packed_bits.
- * dot_q4_rows: R (a constant after inlining; 2 where used) consecutive rows n.. at once, sharing each load
- * of x (four of the five loads per chunk of one row), every row with the sums and float steps of
- * dot_q4_split below, so results do not depend on how rows are paired (tested). Used for rows of at most
- * PAIR_MAX_K columns: longer rows streamed slower in pairs on a Zen 3, and a single row streamed slower
- * through dot_q4_rows with R = 1 than through dot_q4_split (bench/kernel_ab.py). */
+ *
+ * dot_q4_tile: R consecutive weight rows n.. against C prepared activation rows at once (R <= TILE_R,
+ * C <= TILE_C, constants after inlining), each weight chunk's nibbles taken apart once for the C rows and
+ * each activation chunk loaded once for the R rows, with R*C independent accumulator chains. Every
+ * (row, activation) pair gets the sums and float steps of dot_q4_split below (integer sums are exact in
+ * any order), so results do not depend on the tiling (tested). Used for several activation rows
+ * (prefill, decode batches: rows_int), where one pair per call ran ~4 MACs per cycle, and for pairs of
+ * decode rows of at most PAIR_MAX_K columns: longer decode rows streamed slower in pairs on a Zen 3, and
+ * a single row streamed slower through this than through dot_q4_split (bench/kernel_ab.py).
+ * xi: activation row 0's prepared int16 row (rows K apart); xs: its steps then group sums (2 * K / group
+ * floats per row); out[c * ldo + r]. */
 #define PAIR_MAX_K 512
+#define TILE_NB 16  /* weight rows per work item of rows_int */
 
-static inline __attribute__((always_inline)) void dot_q4_rows(const wview *v, long n, const int R, const int16_t *xi,
-                                                              const float *sx, const float *xsum, int K, float *out) {
+static inline __attribute__((always_inline)) void dot_q4_tile(const wview *v, long n, const int R, const int16_t *xi,
+                                                              const float *xs, const int C, int K, long ldo,
+                                                              float *out) {
     const __m256i mask = _mm256_set1_epi8(0x0f);
-    const int8_t *xh = (const int8_t *)xi;
-    const uint8_t *xl = (const uint8_t *)xi + K;
-    const uint8_t *row[2];
-    const float *s[2], *z[2];
+    const int chunks = v->group / 64, groups = K / v->group;
+    const uint8_t *row[TILE_R];
+    const float *s[TILE_R], *z[TILE_R];
     for (int r = 0; r < R; r++) {
         row[r] = (const uint8_t *)v->w + (n + r) * v->ld;
         s[r] = v->s + (n + r) * v->sld, z[r] = v->z + (n + r) * v->sld;
     }
-    const int chunks = v->group / 64, groups = K / v->group;
-    __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    const int8_t *xh[TILE_C];
+    const uint8_t *xl[TILE_C];
+    const float *sx[TILE_C];
+    __m256 total[TILE_R][TILE_C];
+    for (int c = 0; c < C; c++) {
+        xh[c] = (const int8_t *)(xi + (long)c * K), xl[c] = (const uint8_t *)(xi + (long)c * K) + K;
+        sx[c] = xs + (long)c * 2 * groups;
+        for (int r = 0; r < R; r++) total[r][c] = _mm256_setzero_ps();
+    }
     for (int g = 0; g < groups; g++) {
-        __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-#if VNNI  /* the same bytes meet in the same int32 lanes, summed without the int16 stage */
-        const __m256i zero = _mm256_setzero_si256();
-        __m256i A[2] = {zero, zero}, B[2] = {zero, zero};
-        for (int c = 0; c < chunks; c++) {
-            const long chunk = (long)g * chunks + c;
-            const int8_t *h = xh + chunk * 64;
-            const uint8_t *l = xl + chunk * 64;
-            const __m256i h0 = _mm256_loadu_si256((const __m256i *)h), h1 = _mm256_loadu_si256((const __m256i *)(h + 32));
-            const __m256i l0 = _mm256_loadu_si256((const __m256i *)l), l1 = _mm256_loadu_si256((const __m256i *)(l + 32));
-            for (int r = 0; r < R; r++) {
-                if (!(chunk & 1)) prefetch_ahead(row[r] + chunk * 32);
-                const __m256i b = _mm256_loadu_si256((const __m256i *)(row[r] + chunk * 32));
-                const __m256i q0 = _mm256_and_si256(b, mask), q1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
-                A[r] = _mm256_dpbusd_epi32(A[r], q0, h0);
-                A[r] = _mm256_dpbusd_epi32(A[r], q1, h1);
-                B[r] = _mm256_dpbusd_epi32(B[r], l0, q0);
-                B[r] = _mm256_dpbusd_epi32(B[r], l1, q1);
-            }
-        }
-        for (int r = 0; r < R; r++) acc[r] = _mm256_add_epi32(_mm256_slli_epi32(A[r], 8), B[r]);
-#else
-        const __m256i w256 = _mm256_set1_epi16(256), ones = _mm256_set1_epi16(1);
+        __m256i acc[TILE_R][TILE_C];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_si256();
         for (int c0 = 0; c0 < chunks; c0 += 2) {
-            const __m256i zero = _mm256_setzero_si256();
-            __m256i A[2] = {zero, zero}, B[2] = {zero, zero};  /* int16 sums against hi / lo bytes */
-            for (int c = c0; c < c0 + 2 && c < chunks; c++) {
-                const long chunk = (long)g * chunks + c;
-                const int8_t *h = xh + chunk * 64;
-                const uint8_t *l = xl + chunk * 64;
-                const __m256i h0 = _mm256_loadu_si256((const __m256i *)h), h1 = _mm256_loadu_si256((const __m256i *)(h + 32));
-                const __m256i l0 = _mm256_loadu_si256((const __m256i *)l), l1 = _mm256_loadu_si256((const __m256i *)(l + 32));
+            __m256i A[TILE_R][TILE_C], B[TILE_R][TILE_C];  /* sums against the hi / lo bytes of x */
+            for (int r = 0; r < R; r++)
+                for (int c = 0; c < C; c++) A[r][c] = B[r][c] = _mm256_setzero_si256();
+            for (int ch = c0; ch < c0 + 2 && ch < chunks; ch++) {
+                const long chunk = (long)g * chunks + ch;
+                __m256i q0[TILE_R], q1[TILE_R];
                 for (int r = 0; r < R; r++) {
                     if (!(chunk & 1)) prefetch_ahead(row[r] + chunk * 32);  /* one 64-byte line per 2 chunks */
                     const __m256i b = _mm256_loadu_si256((const __m256i *)(row[r] + chunk * 32));
-                    const __m256i q0 = _mm256_and_si256(b, mask), q1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
-                    A[r] = _mm256_add_epi16(A[r], _mm256_maddubs_epi16(q0, h0));
-                    A[r] = _mm256_add_epi16(A[r], _mm256_maddubs_epi16(q1, h1));
-                    B[r] = _mm256_add_epi16(B[r], _mm256_maddubs_epi16(l0, q0));
-                    B[r] = _mm256_add_epi16(B[r], _mm256_maddubs_epi16(l1, q1));
+                    q0[r] = _mm256_and_si256(b, mask), q1[r] = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+                }
+                for (int c = 0; c < C; c++) {
+                    const int8_t *h = xh[c] + chunk * 64;
+                    const uint8_t *l = xl[c] + chunk * 64;
+                    const __m256i h0 = _mm256_loadu_si256((const __m256i *)h), h1 = _mm256_loadu_si256((const __m256i *)(h + 32));
+                    const __m256i l0 = _mm256_loadu_si256((const __m256i *)l), l1 = _mm256_loadu_si256((const __m256i *)(l + 32));
+                    for (int r = 0; r < R; r++) {
+                        A[r][c] = dot_u8s8(dot_u8s8(A[r][c], q0[r], h0), q1[r], h1);
+                        B[r][c] = dot_u8s8(dot_u8s8(B[r][c], l0, q0[r]), l1, q1[r]);
+                    }
                 }
             }
             for (int r = 0; r < R; r++)
-                acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_madd_epi16(A[r], w256), _mm256_madd_epi16(B[r], ones)));
+                for (int c = 0; c < C; c++) acc[r][c] = _mm256_add_epi32(acc[r][c], fold_hi_lo(A[r][c], B[r][c]));
         }
-#endif
         for (int r = 0; r < R; r++)
-            total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(s[r][g] * sx[g]), total[r]);
+            for (int c = 0; c < C; c++)
+                total[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][c]), _mm256_set1_ps(s[r][g] * sx[c][g]), total[r][c]);
     }
-    for (int r = 0; r < R; r++) out[r] = hsum8(total[r]) + group_offset(s[r], z[r], xsum, groups, 8.f);
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            out[c * ldo + r] = hsum8(total[r][c]) + group_offset(s[r], z[r], sx[c] + groups, groups, 8.f);
 }
 
-/* One row: the reference of dot_q4_rows. */
+/* One row: the reference of dot_q4_tile. */
 static float dot_q4_split(const wview *v, long n, const int16_t *xi, const float *sx, const float *xsum, int K) {
     const __m256i mask = _mm256_set1_epi8(0x0f), w256 = _mm256_set1_epi16(256), ones = _mm256_set1_epi16(1);
     const uint8_t *row = (const uint8_t *)v->w + n * v->ld;
@@ -481,20 +574,38 @@ static float dot_packed(const wview *v, long n, const int16_t *xi, const float *
     return v->kind == 3 ? dot_packed_bits(v, n, xi, sx, xsum, K, 4) : dot_packed_bits(v, n, xi, sx, xsum, K, 2);
 }
 
-/* Work-shared rows [0, N) of y[m] = W x[m] for m < M from activations prepared by prep_int; short int4
- * rows in pairs (dot_q4_rows). */
+/* dot_q4_tile (int4) or dot_i8_tile (int8) with R in {1, 2} and 1 <= C <= TILE_C given at run time: each
+ * shape its own constant copy. */
+static void int_tile(const wview *v, long n, int R, const int16_t *xi, const float *xs, int C, int K, long ldo,
+                     float *out) {
+#define TILE_CASE(r, c) \
+    case (r) * 8 + (c): \
+        if (v->kind == 2) dot_i8_tile(v, n, r, xi, xs, c, K, ldo, out); \
+        else dot_q4_tile(v, n, r, xi, xs, c, K, ldo, out); \
+        return;
+    switch (R * 8 + C) {
+        TILE_CASE(1, 1) TILE_CASE(1, 2) TILE_CASE(2, 1) TILE_CASE(2, 2)
+#if TILE_C > 2
+        TILE_CASE(1, 3) TILE_CASE(1, 4) TILE_CASE(2, 3) TILE_CASE(2, 4)
+#endif
+    }
+#undef TILE_CASE
+}
+
+/* Work-shared rows [0, N) of y[m] = W x[m] for m < M from activations prepared by prep_int. int4 and
+ * int8 in tiles (dot_q4_tile, dot_i8_tile): TILE_R weight rows by up to TILE_C activation rows; one
+ * activation row (decode) keeps single rows (int8, and int4 above PAIR_MAX_K columns). */
 static void rows_int(const wview *v, const int16_t *xi, const float *xs, int M, int K, int N, float *y) {
     const int nb = act_blocks(v, K);
-    if (split_q4(v) && K <= PAIR_MAX_K) {
+    if ((split_q4(v) || v->kind == 2) && (M > 1 || (split_q4(v) && K <= PAIR_MAX_K))) {
 #pragma omp for schedule(static)
-        for (int p = 0; p < (N + 1) / 2; p++) {
-            const int n = 2 * p;
-            for (int m = 0; m < M; m++) {
-                const float *sm = xs + (long)m * 2 * nb;
-                if (n + 1 < N)
-                    dot_q4_rows(v, n, 2, xi + (long)m * K, sm, sm + nb, K, y + (long)m * N + n);
-                else
-                    y[(long)m * N + n] = dot_q4_split(v, n, xi + (long)m * K, sm, sm + nb, K);
+        for (int b = 0; b < (N + TILE_NB - 1) / TILE_NB; b++) {  /* TILE_NB weight rows stay in L1 ... */
+            const int n1 = (b + 1) * TILE_NB < N ? (b + 1) * TILE_NB : N;
+            for (int m = 0; m < M; m += TILE_C) {  /* ... while TILE_C activation rows meet all of them */
+                const int C = M - m < TILE_C ? M - m : TILE_C;
+                for (int n = b * TILE_NB; n < n1; n += TILE_R)
+                    int_tile(v, n, n1 - n < TILE_R ? n1 - n : TILE_R, xi + (long)m * K, xs + (long)m * 2 * nb, C, K,
+                             N, y + (long)m * N + n);
             }
         }
         return;

@@ -35,7 +35,7 @@ static inline void rows_at(const wview *v, long r, int R, const float *x, const 
     } else if (split_q4(v) && K <= PAIR_MAX_K) {  /* pairs of short rows share the loads of x */
         const float *sum = xs + act_blocks(v, K);
         int i = 0;
-        for (; i + 2 <= R; i += 2) dot_q4_rows(v, r + i, 2, (const int16_t *)xp, xs, sum, K, out + i);
+        for (; i + 2 <= R; i += 2) dot_q4_tile(v, r + i, 2, (const int16_t *)xp, xs, 1, K, 1, out + i);
         if (i < R) out[i] = dot_q4_split(v, r + i, (const int16_t *)xp, xs, sum, K);
     } else if (is_int(v)) {
         for (int i = 0; i < R; i++) out[i] = dot_packed(v, r + i, (const int16_t *)xp, xs, xs + act_blocks(v, K), K);
@@ -131,19 +131,20 @@ void ernie45_moe_token(const wview *gate, const wview *up, const wview *down, lo
 }
 
 /* Several tokens through their experts: pairs p (sorted by expert, then token) of (ids[p], tok[p], coef[p]).
- * Each expert runs once on all its rows (M = rows of that expert, at most max_rows): gather x rows,
+ * Each expert runs once on all its rows, max_rows at a time (an expert with more rows, as in a prefill,
+ * reads its weights once per max_rows; each token still meets its experts in ascending order): gather x rows,
  * h = silu(gate X) * (up X), Y = down h, y[tok] += coef * Y row, ascending expert then token, with the
  * bf16 reference's rounding points (moe.Experts.grouped: index_add_ into a bf16 output).
  * x [T, D]; y [T, D] fp32 (zeroed by the caller). Scratch: X [max_rows*D], G and U [max_rows*F],
  * Y [max_rows*D], xp [max_rows*max(D,F)], xs [max_rows*max(D,F)]. */
 void ernie45_moe_tokens(const wview *gate, const wview *up, const wview *down, long w_stride_gu, long s_stride_gu,
                         long w_stride_d, long s_stride_d, const long *ids, const long *tok, const float *coef,
-                        int P, const float *x, int D, int F, float *y, float *X, float *G, float *U, float *Y,
-                        float *xp, float *xs, int bf16, int threads) {
+                        int P, int max_rows, const float *x, int D, int F, float *y, float *X, float *G, float *U,
+                        float *Y, float *xp, float *xs, int bf16, int threads) {
 #pragma omp parallel num_threads(threads)
     for (int p0 = 0; p0 < P;) {
         int p1 = p0;
-        while (p1 < P && ids[p1] == ids[p0]) p1++;
+        while (p1 < P && ids[p1] == ids[p0] && p1 - p0 < max_rows) p1++;
         const int n = p1 - p0;
         wview g = at_expert(gate, ids[p0], w_stride_gu, s_stride_gu), u = at_expert(up, ids[p0], w_stride_gu, s_stride_gu);
         wview d = at_expert(down, ids[p0], w_stride_d, s_stride_d);
