@@ -369,7 +369,7 @@ static inline float group_offset(const float *s, const float *z, const float *xs
     for (; g + 8 <= groups; g += 8)
         acc = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(z + g), _mm256_mul_ps(vm, _mm256_loadu_ps(s + g))),
                               _mm256_loadu_ps(xsum + g), acc);
-    float o = hsum8(acc);
+    float o = groups >= 8 ? hsum8(acc) : 0.f;  /* the same +0 as hsum8 of zeros, without its latency */
     for (; g < groups; g++) o += (z[g] - mid * s[g]) * xsum[g];
     return o;
 }
@@ -473,9 +473,12 @@ static inline __attribute__((always_inline)) void dot_q4_tile(const wview *v, lo
             for (int r = 0; r < R; r++)
                 for (int c = 0; c < C; c++) acc[r][c] = _mm256_add_epi32(acc[r][c], fold_hi_lo(A[r][c], B[r][c]));
         }
+        __m256 sr[TILE_R], sc[TILE_C];  /* s * sx as one product per lane: set1(s * sx)'s bits */
+        for (int r = 0; r < R; r++) sr[r] = _mm256_broadcast_ss(s[r] + g);
+        for (int c = 0; c < C; c++) sc[c] = _mm256_broadcast_ss(sx[c] + g);
         for (int r = 0; r < R; r++)
             for (int c = 0; c < C; c++)
-                total[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][c]), _mm256_set1_ps(s[r][g] * sx[c][g]), total[r][c]);
+                total[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][c]), _mm256_mul_ps(sr[r], sc[c]), total[r][c]);
     }
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++)
