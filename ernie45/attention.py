@@ -48,6 +48,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
     return torch.matmul(probs, v).transpose(1, 2)  # [B, T, Nq, Dh]
 
 
+QUERY_BLOCK = 128  # a prefill's queries go in blocks of this many, each against the keys it can see
+
+
 def attend_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                k_pos: torch.Tensor) -> torch.Tensor:
     """`attend`'s result without copying K/V per query head, with fp32 matmuls on any CPU.
@@ -56,8 +59,28 @@ def attend_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
     repeating K/V G times. The two matmuls run on fp32 copies and are rounded back to the activation
     dtype exactly where `attend` rounds (bf16 matmul accumulates in fp32 and rounds its output, and
     CPUs without native bf16 run it several times slower), so the two agree up to summation order.
+    More than QUERY_BLOCK queries (a prefill) go in blocks, each against the keys up to the last one any
+    of its queries sees: a causal prefill of T tokens then computes about half of the T x T scores it
+    would mask. The keys left out are masked for every query of the block, so they change nothing (a
+    block where some query sees no key at all keeps every key: `attend` spreads such a row over all S).
     Same shapes and masking rules as `attend`.
     """
+    T, S = q.shape[1], k.shape[1]
+    if T <= QUERY_BLOCK:
+        return _attend_gqa(q, k, v, q_pos, k_pos)
+    out = []
+    for t0 in range(0, T, QUERY_BLOCK):
+        qp = q_pos[:, t0:t0 + QUERY_BLOCK]
+        visible = (k_pos[:, None, :] <= qp[:, :, None]) & (k_pos[:, None, :] >= 0)  # [B, Tb, S]
+        seen = visible.flatten(0, 1).any(0).nonzero()  # [n, 1] keys some query of the block sees
+        n = int(seen[-1]) + 1 if len(seen) and bool(visible.any(-1).all()) else S
+        out.append(_attend_gqa(q[:, t0:t0 + QUERY_BLOCK], k[:, :n], v[:, :n], qp, k_pos[:, :n]))
+    return torch.cat(out, 1)
+
+
+def _attend_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                k_pos: torch.Tensor) -> torch.Tensor:
+    """attend_gqa for one block of queries: q [B,T,Nq,Dh], k/v [B,S,Nkv,Dh] -> [B,T,Nq,Dh]."""
     B, T, Nq, Dh = q.shape
     Nkv, S = k.shape[2], k.shape[1]
     G, dtype = Nq // Nkv, q.dtype
