@@ -11,7 +11,7 @@ Outputs must be bit-identical between the versions (checked) unless --allow-diff
 base: the kernel sources at git revision REV (default HEAD); other: a kernels directory (default the
 working tree's ernie45/kernels). Measured: `ernie45_gemv` on cold int4 weights of the bench model's
 shapes (q/k/v rows 2560 x 1024, an expert's down 1024 x 256) for each count of activation rows in --rows
-(1: decode; 32: a serving batch; 512: a prefill), `ernie45_moe_token`, one token through top-6 of 64 int4
+(1: decode; 32: a serving batch; 512: a prefill; above 1 also int8 2560 x 1024), `ernie45_moe_token`, one token through top-6 of 64 int4
 experts (1024 x 256 each) per layer, over 7 layers, and with --rows above 1 `ernie45_moe_tokens`, a
 decode batch of 32 tokens through the same experts. Writes kernel_ab.json and .md; rates are weight
 bytes per second (with many rows the kernels are bound by compute, not by the weights' bytes).
@@ -62,20 +62,21 @@ def sources_at(rev: str, into: Path) -> Path:
     return into
 
 
-def int4(rows: int, cols: int, lead: int | None = None) -> kernels.Weights:
-    q = quantize_rtn(torch.randn((lead or 1) * rows, cols), get_format("int4"), 128)
+def int4(rows: int, cols: int, lead: int | None = None, fmt: str = "int4") -> kernels.Weights:
+    q = quantize_rtn(torch.randn((lead or 1) * rows, cols), get_format(fmt), 128 if fmt == "int4" else None)
     view = (lambda t: t.view(lead, rows, -1)) if lead else (lambda t: t)
-    return kernels.Weights("int4", view(q.qweight), cols, view(q.scales), view(q.zeros), q.group_size)
+    zeros = view(q.zeros) if getattr(q, "zeros", None) is not None else None
+    return kernels.Weights(fmt, view(q.qweight), cols, view(q.scales), zeros, q.group_size)
 
 
 def _p(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def gemv_case(N: int, K: int, threads: int, sweep_bytes: float, M: int = 1):
-    """(sweep(lib) -> output, bytes per sweep) for enough N x K int4 weights to fill sweep_bytes (divided by
-    M: many rows make a sweep compute-bound), each times M activation rows."""
-    ws = [int4(N, K) for _ in range(max(2, int(sweep_bytes / M // (N * K // 2))))]
+def gemv_case(N: int, K: int, threads: int, sweep_bytes: float, M: int = 1, fmt: str = "int4"):
+    """(sweep(lib) -> output, bytes per sweep) for enough N x K int4 (or int8) weights to fill sweep_bytes
+    (divided by M: many rows make a sweep compute-bound), each times M activation rows."""
+    ws = [int4(N, K, fmt=fmt) for _ in range(max(2, int(sweep_bytes / M // (N * K // 2))))]
     x, y = torch.randn(len(ws), M, K), torch.empty(len(ws), M, N)
     xp, xs = torch.empty(M * K), torch.empty(M * K)
 
@@ -205,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                  gemv_case(N, K, args.threads, args.sweep_mb * 1e6, M) for M in args.rows for N, K in GEMV_SHAPES}
         cases[f"moe_token int4 top-{MOE['k']} of {MOE['E']} ({MOE['D']} x {MOE['F']}), {MOE['layers']} layers"] = \
             moe_case(args.threads)
+        for M in (m for m in args.rows if m > 1):  # int8 in tiles too
+            N, K = GEMV_SHAPES[0]
+            cases[f"gemv int8 {N} x {K}, {M} rows"] = gemv_case(N, K, args.threads, args.sweep_mb * 1e6, M, "int8")
         if max(args.rows) > 1:
             cases[f"moe_tokens int4, 32 tokens x top-{MOE['k']} of {MOE['E']}, {MOE['layers']} layers"] = \
                 moe_tokens_case(args.threads)

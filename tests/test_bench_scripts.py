@@ -135,6 +135,6 @@ def test_kernel_ab_times_two_kernel_versions(tmp_path):
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "kernel_ab.json").read_text())
-    assert len(res["cases"]) == 6  # gemv: two shapes x two row counts; moe_token; moe_tokens
+    assert len(res["cases"]) == 7  # gemv int4: two shapes x two row counts; int8 at 3 rows; moe_token(s)
     for case in res["cases"].values():
         assert case["speed_ratio_median"] > 0 and case["gb_s"]["base"]["median"] > 0
