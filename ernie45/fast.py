@@ -9,13 +9,15 @@ module it replaces and is tested against it (tests/test_fast.py).
 What runs where (rows = tokens in this call):
 - one token on a batch-1 KVCache: the whole trunk in one C call (fast_decode.py), and at temperature 0
   the exact int8-screened argmax instead of the full head (greedy_head.py);
-- up to DECODE_ROWS rows (fp32 weights) or KERNEL_MAX_ROWS (bf16/int8/int4/int2; bf16 on CPUs with bf16
-  hardware: NATIVE_BF16_KERNEL_ROWS): `kernels.gemv` reads
+- up to DECODE_ROWS rows (fp32 weights) or KERNEL_MAX_ROWS (bf16/int2; bf16 on CPUs with bf16
+  hardware: NATIVE_BF16_KERNEL_ROWS), and any number of rows for int8 and int4 (`Weights.tiled`: tiles
+  of weight rows x activation rows, as fast as torch's GEMM routes for them): `kernels.gemv` reads
   the weight once in its stored format with fp32 activations (int16-rounded per block for the integer
   formats: kernels/gemv.c's header); the result is cast to the activation dtype, where F.linear rounds;
-- routed experts of a decode batch (one token, or at most that many rows per expert): one C call for
-  all (token, expert) pairs, ascending expert id, with the bf16 reference's rounding points when the
-  model is bf16 — a bf16 model's decode equals the reference up to summation order in dot products;
+- routed experts of a decode batch (one token, or at most that many rows per expert) and of an int8/int4
+  prefill: one C call for all (token, expert) pairs, ascending expert id, MAX_ROWS rows of an expert at
+  a time, with the bf16 reference's rounding points when the model is bf16 — a bf16 model's decode
+  equals the reference up to summation order in dot products;
 - many rows with bf16 weights (prefill): on CPUs without bf16 hardware an fp32 GEMM on the up-cast
   weight, rounded back to bf16 (their bf16 GEMM is ~5x slower: field-notes); with AVX512_BF16/AMX
   torch's own bf16 GEMM (`native_bf16`).
