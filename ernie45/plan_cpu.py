@@ -20,10 +20,12 @@ The two peaks of the process, each ``baseline + resident + transient``:
   ``S = prompt + new tokens``; then the largest transient of the prefill over ``T = prompt`` tokens (decode
   steps see one token and are smaller), phase by phase below.
 
-The dominant prefill phase at long prompts is the reference attention (``attention.attend``), which
-materialises the score matrix ``[1, Nq, T, S]`` over every cache slot: scores in the model dtype, an fp32
-copy of them when that dtype is 16-bit (``softmax(..., dtype=float32)`` on CPU converts first), and the
-fp32 softmax output. The head then sees only the last row: logits ``[1, 1, V]``.
+The dominant prefill phase at long prompts is attention over the cache (``attention.attend_gqa``, which
+``cache.KVCache`` calls): queries in blocks of ATTENTION_QUERY_BLOCK, each block materialising its score
+matrix ``[1, Nq, Tb, S]`` at most: scores in the model dtype, an fp32 copy of them when that dtype is 16-bit
+(``softmax(..., dtype=float32)`` on CPU converts first), and the fp32 softmax output; beside them the
+fp32 copies of the block's queries and of the cached K/V, and the outputs of the blocks before it. The
+head then sees only the last row: logits ``[1, 1, V]``.
 
 Allocator: glibc returns blocks of 32 MiB and more (``DEFAULT_MMAP_THRESHOLD_MAX``, always mmapped) to the
 OS when freed, but serves smaller blocks from its heap once its dynamic mmap threshold has risen, and keeps
@@ -101,15 +103,21 @@ def load_transient(cfg: ModelConfig, dtype: str) -> int:
 
 
 # ---- prefill phases: the blocks live at each phase's peak, in bytes -------------------------------
+ATTENTION_QUERY_BLOCK = 128  # attention.QUERY_BLOCK (this module imports no torch; a test ties the two)
+
+
 def _attention(cfg: ModelConfig, T: int, S: int, s: int) -> list[int]:
-    """Inside ``attend`` at the softmax of one layer."""
-    scores = cfg.num_attention_heads * T * S  # [1, Nq, T, S]
+    """Inside ``attend_gqa`` at the softmax of one layer's last block of queries (the widest: it sees the
+    most keys)."""
+    Tb = min(T, ATTENTION_QUERY_BLOCK)
+    scores = cfg.num_attention_heads * Tb * S  # [1, Nq, Tb, S]
     upcast = [scores * FP32] if s != FP32 else []  # fp32 copy of 16-bit scores before the softmax
     return [T * cfg.hidden_size * s,  # the normed layer input
             T * cfg.q_dim * s, T * cfg.kv_dim * s, T * cfg.kv_dim * s,  # q, k, v after RoPE
-            S * cfg.q_dim * s, S * cfg.q_dim * s,  # cached K/V repeated to every query head [1, S, Nq, Dh]
+            (T - Tb) * cfg.q_dim * s,  # the outputs of the blocks before
+            Tb * cfg.q_dim * FP32, S * cfg.kv_dim * FP32,  # fp32 copies of the block's q and of K
             scores * s, *upcast, scores * FP32,  # scores, (upcast), fp32 softmax output
-            T * S * BOOL]  # visibility mask [1, T, S]
+            Tb * S * BOOL]  # visibility mask [1, Tb, S]
 
 
 def _rope(cfg: ModelConfig, T: int, s: int) -> list[int]:

@@ -156,7 +156,7 @@ PEAK_CONFIGS = {
         _B, model_type="ernie4_5", vocab_size=32768, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)),
     # 300B pattern in bf16: 256 experts, untied, MTP; 245 MiB weights. Head dim 8 keeps the slow CPU bf16
-    # attention matmul short while the [Nq, T, S] scores stay large.
+    # attention matmul short (attention takes the queries in blocks of 128: scores [Nq, 128, S]).
     "moe_300b_bf16": ("bf16", dict(
         _B, model_type="ernie4_5_moe", vocab_size=8192, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=8, head_dim=8, tie_word_embeddings=False, moe_num_experts=256,
@@ -233,3 +233,10 @@ def test_generation_peak_within_10_percent(peak_run, name, prompt):
 def test_load_peak_within_10_percent(peak_run, name):
     pred, meas, _ = peak_run(name, PROMPTS[0])
     assert _within(pred["load_peak"], meas["load_peak"]), (pred, meas)
+
+
+def test_planner_knows_the_attention_query_block():
+    """plan_cpu models attention's query blocks without importing torch; the two constants must agree."""
+    from ernie45 import attention, plan_cpu
+
+    assert plan_cpu.ATTENTION_QUERY_BLOCK == attention.QUERY_BLOCK
