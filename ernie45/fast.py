@@ -10,7 +10,7 @@ What runs where (rows = tokens in this call):
 - one token on a batch-1 KVCache: the whole trunk in one C call (fast_decode.py), and at temperature 0
   the exact int8-screened argmax instead of the full head (greedy_head.py);
 - up to DECODE_ROWS rows (fp32 weights) or KERNEL_MAX_ROWS (bf16/int2; bf16 on CPUs with bf16
-  hardware: NATIVE_BF16_KERNEL_ROWS), and any number of rows for int8 and int4 (`Weights.tiled`: tiles
+  hardware: NATIVE_BF16_KERNEL_ROWS, experts NATIVE_BF16_EXPERT_ROWS), and any number of rows for int8 and int4 (`Weights.tiled`: tiles
   of weight rows x activation rows, as fast as torch's GEMM routes for them): `kernels.gemv` reads
   the weight once in its stored format with fp32 activations (int16-rounded per block for the integer
   formats: kernels/gemv.c's header); the result is cast to the activation dtype, where F.linear rounds;
@@ -42,8 +42,14 @@ from .quant.modules import QuantExperts, QuantLinear, QuantWeight
 DECODE_ROWS = 16  # fp32 weights: rows up to which the kernels beat MKL's GEMM
 KERNEL_MAX_ROWS = 64  # bf16/int weights: the kernels convert each 4-row block once and reuse it for every row
 # bf16 weights on a CPU with bf16 hardware (`native_bf16`): torch's bf16 GEMM overtakes the kernels' fp32
-# FMAs sooner (Zen 4, bench-medium bf16 prefill of 512 tokens: ~445 tok/s with 64 here, 620-650 with 32).
-NATIVE_BF16_KERNEL_ROWS = 32
+# FMAs at two rows already for a layer's weights (Zen 4: 0.63-0.76x the kernels' time on 2560 x 1024,
+# 1024 x 2048 and the 103k-row head at 2 rows; the kernels win only one row, by 2x), so they keep one row.
+# The experts' kernel call for all (token, expert) pairs of a decode batch saves torch's per-expert calls
+# and wins on their small weights (1024 x 256 at 8 rows: 1.37x torch): up to NATIVE_BF16_EXPERT_ROWS rows
+# per expert. (An earlier single limit of 32, tuned on prefill, sent a 32-sequence batch's head through
+# the kernels at 2.2x torch's time.)
+NATIVE_BF16_KERNEL_ROWS = 1
+NATIVE_BF16_EXPERT_ROWS = 16
 # Smallest weight (N x K elements, per expert) worth a kernel call: below it the ~10-20 us of Python and
 # ctypes around a call cost more than torch's own small GEMV (measured on the 8.5 M-param default model).
 MIN_KERNEL_ELEMENTS = 1 << 16
@@ -107,14 +113,15 @@ def prefill_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
-def kernel_rows(weights: kernels.Weights) -> int | float:
-    """Rows up to which a kernel call beats the GEMM route for these weights (int4: any number)."""
+def kernel_rows(weights: kernels.Weights, experts: bool = False) -> int | float:
+    """Rows up to which a kernel call beats the GEMM route for these weights (int8/int4: any number);
+    `experts`: rows per expert of one call for all the pairs of a batch (`kernels.moe_tokens`)."""
     if weights.tiled:
         return float("inf")
     if weights.kind == kernels.KINDS[torch.float32]:
         return DECODE_ROWS
     if weights.kind == kernels.KINDS[torch.bfloat16] and native_bf16():
-        return NATIVE_BF16_KERNEL_ROWS
+        return NATIVE_BF16_EXPERT_ROWS if experts else NATIVE_BF16_KERNEL_ROWS
     return KERNEL_MAX_ROWS
 
 
@@ -167,7 +174,7 @@ class _FastGrouped:
         order = torch.argsort(expert, stable=True)  # by expert, ascending token within: the reference order
         expert = expert[order]
         # decode batches; every prefill of int4 experts (moe_tokens takes MAX_ROWS of an expert at a time)
-        if expert.numel() and int(torch.bincount(expert).max()) <= min(map(kernel_rows, stack)):
+        if expert.numel() and int(torch.bincount(expert).max()) <= min(kernel_rows(w, experts=True) for w in stack):
             out = kernels.moe_tokens(gate, up, down, expert, token[order], weight[order].float(), x,
                                      bf16=x.dtype == torch.bfloat16)
             return out.to(x.dtype)

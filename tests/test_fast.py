@@ -380,6 +380,8 @@ def test_bf16_kernel_rows_follow_the_cpu(monkeypatch, mode):
     w = torch.randn(300, 256).to(torch.bfloat16)
     weights = kernels.Weights(torch.bfloat16, w, 256)
     assert fast.kernel_rows(weights) == (fast.NATIVE_BF16_KERNEL_ROWS if mode == "native" else fast.KERNEL_MAX_ROWS)
+    assert fast.kernel_rows(weights, experts=True) == (fast.NATIVE_BF16_EXPERT_ROWS if mode == "native"
+                                                       else fast.KERNEL_MAX_ROWS)
     assert fast.kernel_rows(kernels.Weights("int8", torch.zeros(4, 256, dtype=torch.int8), 256,
                                             torch.ones(4))) == float("inf")  # tiled: any number of rows
     assert fast.kernel_rows(kernels.Weights("int2", torch.zeros(4, 64, dtype=torch.uint8), 256, torch.ones(4, 4),
