@@ -138,3 +138,17 @@ def test_kernel_ab_times_two_kernel_versions(tmp_path):
     assert len(res["cases"]) == 7  # gemv int4: two shapes x two row counts; int8 at 3 rows; moe_token(s)
     for case in res["cases"].values():
         assert case["speed_ratio_median"] > 0 and case["gb_s"]["base"]["median"] > 0
+
+
+def test_bf16_rows_compares_kernels_with_torch(tmp_path):
+    """bench/bf16_rows.py at two rows: both timings and their ratio for every shape."""
+    _kernels_or_skip()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bf16_rows.py"), "--rows", "2", "--threads", "1",
+                           "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "bf16_rows.json").read_text())
+    assert len(res["results"]) == 4
+    for by_rows in res["results"].values():
+        r = by_rows["2"]
+        assert r["kernel_ms"] > 0 and r["torch_ms"] > 0 and r["torch_over_kernel_time"] > 0
