@@ -181,6 +181,30 @@ def test_moe_token_with_down_in_another_integer_format(gate_up, down):
 
 
 @needs_kernels
+@pytest.mark.parametrize("bf16", [False, True])
+def test_one_token_and_batch_expert_kernels_agree_bit_for_bit(bf16):
+    """moe_token (down rows of <= 512 columns four at a time) and moe_tokens (tiles of two weight rows) run
+    the same integer dots, the same silu and the same sums in expert order: the same bits for each token,
+    whether a token is alone or in a batch (and that batch's scatter adds whole rows)."""
+    torch.manual_seed(6)
+    E, D, Fw = 6, 256, 256  # down: 256 rows of 256 columns (quads); groups of 64 (the byte-split int4 path)
+    gate, up, down = (_stacked("int4", 64, E, Fw, D)[0], _stacked("int4", 64, E, Fw, D)[0],
+                      _stacked("int4", 64, E, D, Fw)[0])
+    x = torch.randn(3, D)
+    picks = [torch.tensor([0, 2, 5]), torch.tensor([1, 2, 4]), torch.tensor([0, 3, 5])]
+    coef = torch.rand(3, 3)
+    alone = torch.stack([kernels.moe_token(gate, up, down, picks[t], coef[t], x[t], torch.zeros(D), bf16)
+                         for t in range(3)])
+    ids, tok = torch.cat(picks), torch.arange(3).repeat_interleave(3)
+    order = torch.argsort(ids, stable=True)
+    batch = kernels.moe_tokens(gate, up, down, ids[order], tok[order], coef.flatten()[order], x, bf16)
+    assert torch.equal(batch, alone)
+    twice = torch.tensor([0, 0, 1]), torch.tensor([1, 1, 0])  # token 1 through expert 0 twice
+    with pytest.raises(ValueError, match="appears twice"):
+        kernels.moe_tokens(gate, up, down, *twice, torch.ones(3), x, bf16)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_head_exact_step_is_the_first_maximum_over_many_candidates(dtype):
     """Threads take ascending slices of the candidates; a tie across slices keeps the earlier row."""

@@ -386,6 +386,9 @@ def moe_tokens(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, tok
     T, D = x.shape
     F = gate.out_features
     ids, tok, coef = ids.to(torch.long).contiguous(), tok.to(torch.long).contiguous(), coef.float().contiguous()
+    if bool(((ids[1:] == ids[:-1]) & (tok[1:] == tok[:-1])).any()):  # sorted: a repeat is adjacent
+        raise ValueError("moe_tokens: a (token, expert) pair appears twice; each token's experts must be distinct "
+                         "(as top-k routing gives them)")
     rows = min(int(torch.bincount(ids).max()), MAX_ROWS) if ids.numel() else 0
     y = torch.zeros(T, D)
     width = max(D, F)

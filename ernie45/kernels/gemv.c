@@ -410,7 +410,7 @@ static inline float dot_packed_bits(const wview *v, long n, const int16_t *xi, c
  * 256 * (q . hi) + (q . lo), both with vpmaddubsw (u8 x s8 pairs: 2*15*128 and 2*255*15 fit int16, and
  * two chunks' sums still do), widened once per two chunks: ~2/3 of the integer work of dot_packed_bits.
  *
- * dot_q4_tile: R consecutive weight rows n.. against C prepared activation rows at once (R <= TILE_R,
+ * dot_q4_tile: R consecutive weight rows n.. against C prepared activation rows at once (R <= TILE_RMAX,
  * C <= TILE_C, constants after inlining), each weight chunk's nibbles taken apart once for the C rows and
  * each activation chunk loaded once for the R rows, with R*C independent accumulator chains. Every
  * (row, activation) pair gets the sums and float steps of dot_q4_split below (integer sums are exact in
@@ -423,13 +423,14 @@ static inline float dot_packed_bits(const wview *v, long n, const int16_t *xi, c
 #define PAIR_MAX_K 512
 #define TILE_NB 16  /* weight rows per work item of rows_int */
 
+#define TILE_RMAX 4  /* dot_q4_tile's register arrays: TILE_R for many activation rows, 4 for one (moe.c's rows_at) */
 static inline __attribute__((always_inline)) void dot_q4_tile(const wview *v, long n, const int R, const int16_t *xi,
                                                               const float *xs, const int C, int K, long ldo,
                                                               float *out) {
     const __m256i mask = _mm256_set1_epi8(0x0f);
     const int chunks = v->group / 64, groups = K / v->group;
-    const uint8_t *row[TILE_R];
-    const float *s[TILE_R], *z[TILE_R];
+    const uint8_t *row[TILE_RMAX];
+    const float *s[TILE_RMAX], *z[TILE_RMAX];
     for (int r = 0; r < R; r++) {
         row[r] = (const uint8_t *)v->w + (n + r) * v->ld;
         s[r] = v->s + (n + r) * v->sld, z[r] = v->z + (n + r) * v->sld;
@@ -437,23 +438,23 @@ static inline __attribute__((always_inline)) void dot_q4_tile(const wview *v, lo
     const int8_t *xh[TILE_C];
     const uint8_t *xl[TILE_C];
     const float *sx[TILE_C];
-    __m256 total[TILE_R][TILE_C];
+    __m256 total[TILE_RMAX][TILE_C];
     for (int c = 0; c < C; c++) {
         xh[c] = (const int8_t *)(xi + (long)c * K), xl[c] = (const uint8_t *)(xi + (long)c * K) + K;
         sx[c] = xs + (long)c * 2 * groups;
         for (int r = 0; r < R; r++) total[r][c] = _mm256_setzero_ps();
     }
     for (int g = 0; g < groups; g++) {
-        __m256i acc[TILE_R][TILE_C];
+        __m256i acc[TILE_RMAX][TILE_C];
         for (int r = 0; r < R; r++)
             for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_si256();
         for (int c0 = 0; c0 < chunks; c0 += 2) {
-            __m256i A[TILE_R][TILE_C], B[TILE_R][TILE_C];  /* sums against the hi / lo bytes of x */
+            __m256i A[TILE_RMAX][TILE_C], B[TILE_RMAX][TILE_C];  /* sums against the hi / lo bytes of x */
             for (int r = 0; r < R; r++)
                 for (int c = 0; c < C; c++) A[r][c] = B[r][c] = _mm256_setzero_si256();
             for (int ch = c0; ch < c0 + 2 && ch < chunks; ch++) {
                 const long chunk = (long)g * chunks + ch;
-                __m256i q0[TILE_R], q1[TILE_R];
+                __m256i q0[TILE_RMAX], q1[TILE_RMAX];
                 for (int r = 0; r < R; r++) {
                     if (!(chunk & 1)) prefetch_ahead(row[r] + chunk * 32);  /* one 64-byte line per 2 chunks */
                     const __m256i b = _mm256_loadu_si256((const __m256i *)(row[r] + chunk * 32));
@@ -473,7 +474,7 @@ static inline __attribute__((always_inline)) void dot_q4_tile(const wview *v, lo
             for (int r = 0; r < R; r++)
                 for (int c = 0; c < C; c++) acc[r][c] = _mm256_add_epi32(acc[r][c], fold_hi_lo(A[r][c], B[r][c]));
         }
-        __m256 sr[TILE_R], sc[TILE_C];  /* s * sx as one product per lane: set1(s * sx)'s bits */
+        __m256 sr[TILE_RMAX], sc[TILE_C];  /* s * sx as one product per lane: set1(s * sx)'s bits */
         for (int r = 0; r < R; r++) sr[r] = _mm256_broadcast_ss(s[r] + g);
         for (int c = 0; c < C; c++) sc[c] = _mm256_broadcast_ss(sx[c] + g);
         for (int r = 0; r < R; r++)
