@@ -50,6 +50,10 @@ KERNEL_MAX_ROWS = 64  # bf16/int weights: the kernels convert each 4-row block o
 # the kernels at 2.2x torch's time.)
 NATIVE_BF16_KERNEL_ROWS = 1
 NATIVE_BF16_EXPERT_ROWS = 16
+# int8/int4 weights against bf16 activations on a CPU with bf16 hardware: above this many rows, dequantizing
+# the weight to bf16 (torch) and torch's bf16 GEMM beat the integer kernels (`python bench/bf16_rows.py
+# --quant int4`, Zen 4: q/k/v-sized int4 weights 0.66-0.83x the kernels' time at 256-512 rows, 1.31x at 128).
+QUANT_BF16_GEMM_ROWS = 192
 # Smallest weight (N x K elements, per expert) worth a kernel call: below it the ~10-20 us of Python and
 # ctypes around a call cost more than torch's own small GEMV (measured on the 8.5 M-param default model).
 MIN_KERNEL_ELEMENTS = 1 << 16
@@ -148,9 +152,14 @@ class FastLinear(nn.Linear):
 
 
 class FastQuantLinear(QuantLinear):
-    """QuantLinear whose few-row matmuls read the stored codes with the kernels (int16-rounded activations)."""
+    """QuantLinear whose matmuls read the stored codes with the kernels (int16-rounded activations), except
+    a bf16 prefill on a CPU with bf16 hardware: above QUANT_BF16_GEMM_ROWS rows the reference route
+    (this weight dequantized to bf16, torch's bf16 GEMM) is faster than the integer kernels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype == torch.bfloat16 and x.numel() > QUANT_BF16_GEMM_ROWS * x.shape[-1] and x.device.type == "cpu"
+                and native_bf16()):
+            return self.matmul(x.reshape(-1, x.shape[-1]), route="reference").unflatten(0, x.shape[:-1])
         weights = _cached(self, "w", (self.qweight, self.scales), lambda: quant_weights(self))
         return kernel_linear(x, weights, lambda flat: self.matmul(flat))
 

@@ -147,8 +147,13 @@ def test_bf16_rows_compares_kernels_with_torch(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "bf16_rows.py"), "--rows", "2", "--threads", "1",
                            "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "bf16_rows.json").read_text())
-    assert len(res["results"]) == 4
-    for by_rows in res["results"].values():
-        r = by_rows["2"]
-        assert r["kernel_ms"] > 0 and r["torch_ms"] > 0 and r["torch_over_kernel_time"] > 0
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bf16_rows.py"), "--rows", "2", "--threads", "1",
+                           "--quant", "int4", "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stem in ("bf16_rows", "bf16_rows_int4"):
+        res = json.loads((tmp_path / f"{stem}.json").read_text())
+        assert len(res["results"]) == 4
+        for by_rows in res["results"].values():
+            r = by_rows["2"]
+            assert r["kernel_ms"] > 0 and r["torch_ms"] > 0 and r["torch_over_kernel_time"] > 0

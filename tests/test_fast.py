@@ -394,6 +394,30 @@ def test_bf16_kernel_rows_follow_the_cpu(monkeypatch, mode):
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
+@needs_kernels
+@pytest.mark.parametrize("mode", ["native", "fp32"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_bf16_prefill_takes_the_reference_route_on_bf16_hardware(monkeypatch, mode, scheme):
+    """Above QUANT_BF16_GEMM_ROWS rows of bf16 activations, with bf16 hardware: the reference route (weight
+    dequantized to bf16, torch's bf16 GEMM), so the same bits as the reference; without it the kernels."""
+    monkeypatch.setenv("ERNIE45_BF16_GEMM", mode)
+    monkeypatch.setattr(fast, "QUANT_BF16_GEMM_ROWS", 8)
+    model = quantize_model(tiny_model(torch.bfloat16, seed=17), scheme)
+    lin = model.model.layers[0].self_attn.q_proj
+    set_path(model, "reference")
+    x = torch.randn(2, 6, 64).to(torch.bfloat16)  # 12 rows > 8
+    with torch.no_grad():
+        want = lin(x)
+        fast.accelerate(model)
+        got, few = lin(x), lin(x[:1, :4])
+    assert isinstance(lin, fast.FastQuantLinear)
+    if mode == "native":
+        assert torch.equal(got, want)
+    else:  # int16-rounded activations in the kernels: close, not equal
+        assert (got.float() - want.float()).abs().max() <= 2 ** -6 * want.float().abs().max()
+    assert (few.float() - want[:1, :4].float()).abs().max() <= 2 ** -6 * want.float().abs().max()
+
+
 @pytest.mark.parametrize("mode", ["native", "fp32"])
 def test_prefill_bf16_gemm_follows_the_cpu(monkeypatch, mode):
     """bf16 hardware (or ERNIE45_BF16_GEMM=native): torch's bf16 GEMM; else fp32 GEMM on up-cast weights."""
