@@ -29,7 +29,7 @@ static wview at_expert(const wview *v, long e, long w_stride, long s_stride) {
 
 /* out[0..R) = rows r..r+R-1 (R <= 4) of W x, any kind, from x and (integer kinds) its prepared row; int4
  * rows of at most PAIR_MAX_K columns four (or two) at a time, sharing x's loads: in one token's expert
- * down projections 1.19x over pairs (bench/kernel_ab.py, moe_token case, Zen 4). */
+ * down projections 1.17x over pairs (bench/results/kernel_ab_quads/kernel_ab.md, moe_token case, Zen 4). */
 static inline void rows_at(const wview *v, long r, int R, const float *x, const float *xp, const float *xs, int K,
                            float *out) {
     if (v->kind == 2) {
@@ -167,7 +167,8 @@ void ernie45_moe_tokens(const wview *gate, const wview *up, const wview *down, l
 #pragma omp for schedule(static)
         for (int r = 0; r < n; r++) {  /* one token per row of an expert (the caller checks): rows are disjoint */
             float *o = y + tok[p0 + r] * D;
-            const float *t = Y + (long)r * D, cf = coef[p0 + r];
+            const float *t = Y + (long)r * D;
+            const float cf = coef[p0 + r];
             if (bf16)
                 for (int c = 0; c < D; c++) o[c] = round_bf16(o[c] + round_bf16(cf * round_bf16(t[c])));
             else
