@@ -42,8 +42,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
     k = k.repeat_interleave(groups, dim=2).transpose(1, 2)  # [B, Nq, S, Dh]
     v = v.repeat_interleave(groups, dim=2).transpose(1, 2)  # [B, Nq, S, Dh]
     scores = torch.matmul(q.transpose(1, 2), k.transpose(2, 3)) * q.shape[-1] ** -0.5  # [B, Nq, T, S]
-    visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)  # [B, T, S]
-    scores = scores.masked_fill(~visible[:, None], torch.finfo(scores.dtype).min)
+    scores = scores.masked_fill(~_visible(q_pos, k_pos)[:, None], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v).transpose(1, 2)  # [B, T, Nq, Dh]
 
@@ -67,26 +66,28 @@ def attend_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
     """
     T, S = q.shape[1], k.shape[1]
     if T <= QUERY_BLOCK:
-        return _attend_gqa(q, k, v, q_pos, k_pos)
+        return _attend_gqa(q, k, v, _visible(q_pos, k_pos))
     out = []
     for t0 in range(0, T, QUERY_BLOCK):
-        qp = q_pos[:, t0:t0 + QUERY_BLOCK]
-        visible = (k_pos[:, None, :] <= qp[:, :, None]) & (k_pos[:, None, :] >= 0)  # [B, Tb, S]
+        visible = _visible(q_pos[:, t0:t0 + QUERY_BLOCK], k_pos)  # [B, Tb, S]
         seen = visible.flatten(0, 1).any(0).nonzero()  # [n, 1] keys some query of the block sees
         n = int(seen[-1]) + 1 if len(seen) and bool(visible.any(-1).all()) else S
-        out.append(_attend_gqa(q[:, t0:t0 + QUERY_BLOCK], k[:, :n], v[:, :n], qp, k_pos[:, :n]))
+        out.append(_attend_gqa(q[:, t0:t0 + QUERY_BLOCK], k[:, :n], v[:, :n], visible[..., :n]))
     return torch.cat(out, 1)
 
 
-def _attend_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                k_pos: torch.Tensor) -> torch.Tensor:
-    """attend_gqa for one block of queries: q [B,T,Nq,Dh], k/v [B,S,Nkv,Dh] -> [B,T,Nq,Dh]."""
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """q_pos [B,T], k_pos [B,S] -> [B,T,S]: key positions at most the query's, empty slots (< 0) never."""
+    return (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)
+
+
+def _attend_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """attend_gqa for one block of queries: q [B,T,Nq,Dh], k/v [B,S,Nkv,Dh], visible [B,T,S] -> [B,T,Nq,Dh]."""
     B, T, Nq, Dh = q.shape
     Nkv, S = k.shape[2], k.shape[1]
     G, dtype = Nq // Nkv, q.dtype
     qg = q.view(B, T, Nkv, G, Dh).permute(0, 2, 3, 1, 4).reshape(B, Nkv, G * T, Dh)  # rows g-major, then t
     scores = torch.matmul(qg.float(), k.permute(0, 2, 3, 1).float()).to(dtype) * Dh ** -0.5  # [B, Nkv, G*T, S]
-    visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)  # [B, T, S]
     scores = scores.view(B, Nkv, G, T, S).masked_fill(~visible[:, None, None], torch.finfo(dtype).min)
     probs = torch.softmax(scores.view(B, Nkv, G * T, S), dim=-1, dtype=torch.float32).to(dtype)
     out = torch.matmul(probs.float(), v.transpose(1, 2).float()).to(dtype)  # [B, Nkv, G*T, Dh]

@@ -3,7 +3,7 @@
  * Compiled together with gemv.c, moe.c and head.c (this file includes them). The Python side
  * (ernie45/fast_decode.py) fills one `layer_t` per decoder layer with views of the model's own parameters
  * and KV cache buffers, so nothing is copied; the model's modules stay the reference this is tested
- * against (tests/test_fast.py).
+ * against (tests/test_fast_decode.py).
  *
  * Per layer, for residual x [D] (spec section 2; the order and rounding points of the torch modules):
  *   h = RMSNorm(x); q,k,v = W h; interleaved RoPE on q,k (cos/sin given, computed by torch);
