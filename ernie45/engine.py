@@ -5,7 +5,9 @@ flattened into a single row `[1, N]` (decodes and prefill chunks mixed), + one b
 The model sees the paged cache only through `PagedAttentionCache.attention` (attention.py's one
 method): it writes this step's K/V into the requests' slots, gathers each request's blocks into a
 padded `[R, S, Nkv, Dh]` view and runs grouped-query attention (`attend_gqa`) with position masks — no
-Python loop over requests or tokens inside the model call. Only the rows that need a token go through the LM head.
+Python loop over requests or tokens inside the model call. Only the rows that need a token go through the LM
+head; greedy rows that need no logits (no logprobs, no penalties) take the fast path's exact screened argmax
+(greedy_head.py) together, when the model has one, instead of full logits.
 
 The engine has no tokenizer and no clock: text, stop strings and HTTP live in the server layer,
 which calls `finish()` when a stop string matches.
@@ -148,12 +150,47 @@ class Engine:
 
         Under tensor/expert parallelism every rank runs this on the same batch (rank 0 broadcasts it).
         """
+        hidden = self.sample_hidden(batch)
+        return None if hidden is None else self.model.logits(hidden[None])[0]
+
+    def sample_hidden(self, batch: StepBatch) -> torch.Tensor | None:
+        """The model call of one step without the head: pre-norm hidden [R', D] of the rows that sample."""
         self.cache.batch = batch
         try:
             hidden = self.model.model(batch.input_ids, batch.positions, self.cache)  # [1, N, D]
         finally:
             self.cache.batch = None
-        return self.model.logits(hidden[:, batch.sample_rows])[0] if batch.sample_rows else None
+        return hidden[0, batch.sample_rows] if batch.sample_rows else None
+
+    def greedy_head_rows(self, params: list[SamplingParams]) -> list[int]:
+        """Rows whose token the fast path's exact greedy head (greedy_head.py) can choose without logits:
+        temperature 0, no penalties (they move the argmax), no logprobs (they need the logits). Only in a
+        single process: under parallelism every rank must run the same head."""
+        if getattr(self.model, "greedy_head", None) is None or self.on_batch is not None:
+            return []
+        return [i for i, p in enumerate(params) if p.greedy and not p.has_penalties and not p.logprobs]
+
+    def sample(self, hidden: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Tokens and logprobs for the sampling rows hidden [R', D]: greedy-head rows from one screened
+        pass over the head, the others from full logits through the sampler."""
+        params = [r.params for r in reqs]
+        tokens: list[int] = [0] * len(reqs)
+        logprobs: list[TokenLogprobs | None] = [None] * len(reqs)
+        greedy = self.greedy_head_rows(params)
+        if greedy:
+            picked = self.model.greedy_head(self.model.model.norm(hidden[greedy])).tolist()
+            for i, t in zip(greedy, picked):
+                tokens[i] = t
+        taken = set(greedy)
+        rest = [i for i in range(len(reqs)) if i not in taken]
+        if rest:
+            sub = [reqs[i] for i in rest]
+            logits = self.model.logits(hidden[rest][None])[0]  # [len(rest), V]
+            sampled = self.sampler(logits, [r.request_id for r in sub], [r.params for r in sub],
+                                   [r.prompt_token_ids for r in sub], [r.output_token_ids for r in sub])
+            for i, t, lp in zip(rest, sampled.token_ids.tolist(), sampled.logprobs):
+                tokens[i], logprobs[i] = t, lp
+        return tokens, logprobs
 
     @torch.no_grad()
     def step(self) -> list[EngineOutput]:
@@ -163,14 +200,11 @@ class Engine:
         batch = build_batch(out, self.block_size)
         if self.on_batch is not None:
             self.on_batch(batch)
-        logits = self.forward(batch)  # [R', V]
+        hidden = self.sample_hidden(batch)  # [R', D]
         reqs = batch.sample_reqs
-        sampled = None
-        if reqs:
-            sampled = self.sampler(logits, [r.request_id for r in reqs], [r.params for r in reqs],
-                                   [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs])
-        tokens = dict(zip([r.request_id for r in reqs], sampled.token_ids.tolist() if sampled else []))
-        logprobs = dict(zip([r.request_id for r in reqs], sampled.logprobs if sampled else []))
+        ids, lps = self.sample(hidden, reqs) if reqs else ([], [])
+        tokens = dict(zip([r.request_id for r in reqs], ids))
+        logprobs = dict(zip([r.request_id for r in reqs], lps))
         events = self.scheduler.update(out, tokens)
         for e in events:
             if e.finish_reason is not None:

@@ -40,15 +40,14 @@ from .moe import Experts
 from .quant.modules import QuantExperts, QuantLinear, QuantWeight
 
 DECODE_ROWS = 16  # fp32 weights: rows up to which the kernels beat MKL's GEMM
-KERNEL_MAX_ROWS = 64  # bf16/int weights: the kernels convert each 4-row block once and reuse it for every row
-# bf16 weights on a CPU with bf16 hardware (`native_bf16`): torch's bf16 GEMM overtakes the kernels' fp32
-# FMAs from two rows for a layer's weights (`python bench/bf16_rows.py`, Zen 4: 0.44-0.94x the kernels' time
-# on the q/k/v and head shapes from 2 rows; the kernels win one row, by 2.0-2.8x), so they keep one row.
-# The experts' kernel call for all (token, expert) pairs of a decode batch saves torch's per-expert calls
-# and holds its own on their small weights (1024 x 256: 1.51x torch at 4 rows, even at 8): up to
-# NATIVE_BF16_EXPERT_ROWS rows per expert. (An earlier single limit of 32, tuned on prefill, sent a
-# 32-sequence batch's head through the kernels at 2.05x torch's time.)
-NATIVE_BF16_KERNEL_ROWS = 1
+KERNEL_MAX_ROWS = 64  # bf16 weights without bf16 hardware: the kernels' tiles convert each weight once for all rows
+# bf16 weights on a CPU with bf16 hardware (`native_bf16`): the kernels hold one weight stream per thread
+# up to 4 activation rows (gemv.c's PLAIN_ONE_ROW_M) and beat torch's bf16 GEMM there; from 8 rows torch's
+# native bf16 dot products overtake the kernels' fp32 FMAs (`python bench/bf16_rows.py`: bench/results/
+# bf16_rows.md). The experts' kernel call for all (token, expert) pairs of a decode batch also saves torch's
+# per-expert calls: up to NATIVE_BF16_EXPERT_ROWS rows per expert. (An earlier single limit of 32, tuned on
+# prefill, sent a 32-sequence batch's head through the kernels at 2.05x torch's time.)
+NATIVE_BF16_KERNEL_ROWS = 4
 NATIVE_BF16_EXPERT_ROWS = 16
 # int8/int4 weights against bf16 activations on a CPU with bf16 hardware: above this many rows, dequantizing
 # the weight to bf16 (torch) and torch's bf16 GEMM beat the integer kernels (`python bench/bf16_rows.py

@@ -49,6 +49,8 @@ class GreedyHead:
         self._buffers = (torch.empty(V), torch.empty(V), torch.empty(V, dtype=torch.long)) if self.integer else None
         self.abs_q = self.q.abs().sum(1, dtype=torch.int32).float()  # [V] sum_k |q_rk|
         self.full_heads = 0  # rows that fell back to the whole head (diagnostics)
+        self._row_buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # a, b of screen_rows
+        self._q_sum: torch.Tensor | None = None  # [V] int32, made on the first screen_rows
 
     @property
     def slack(self) -> float:
@@ -72,26 +74,55 @@ class GreedyHead:
             bound = self.scale * l1_half
             bound = bound + slack * (a.abs() + bound)
             return a, bound, float((a - bound).max())
-        sx = float(x.abs().max()) / 127 or 1.0
-        xq = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
+        xq, sx = _round_int8(x)
         return kernels.head_screen(self.q, self.scale, self.abs_q, xq, sx, l1_half, slack,  # one pass in C
                                    out=self._buffers[:2])
 
+    def screen_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [R, D] fp32 (R <= kernels.SCREEN_RMAX, integer screen only) -> (a [R, V], b [R, V], floors [R]):
+        `screen` of every row, reading the int8 head once for all of them."""
+        R, V = x.shape[0], self.q.shape[0]
+        rounded = [_round_int8(row) for row in x]  # row by row: the very values `screen` would use
+        xq = torch.stack([q for q, _ in rounded])
+        sx = torch.tensor([s for _, s in rounded], dtype=torch.float64)
+        l1_half = torch.tensor([0.5 * float(row.abs().sum()) for row in x], dtype=torch.float64)
+        if self._row_buffers is None or self._row_buffers[0].numel() < R * V:
+            self._row_buffers = (torch.empty(R * V), torch.empty(R * V))
+        if self._q_sum is None:
+            self._q_sum = self.q.sum(1, dtype=torch.int32)  # [V] each row's sum of codes
+        return kernels.head_screen_rows(self.q, self.scale, self.abs_q, self._q_sum, xq, sx, l1_half, self.slack,
+                                        out=self._row_buffers)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [R, D] (normed hidden, model dtype) -> token ids [R] (int64)."""
+        """x [R, D] (normed hidden, model dtype) -> token ids [R] (int64). Several rows with the integer
+        screen share one pass over the int8 head (a serving batch's greedy rows)."""
         x32 = x.float()
         out = torch.empty(x.shape[0], dtype=torch.long)
+        if self.integer and x.shape[0] > 1:
+            for start in range(0, x.shape[0], kernels.SCREEN_RMAX):
+                a, bound, floors = self.screen_rows(x32[start:start + kernels.SCREEN_RMAX])
+                for i in range(a.shape[0]):
+                    out[start + i] = self._pick(x[start + i], a[i], bound[i], float(floors[i]))
+            return out
         for r in range(x.shape[0]):
             a, bound, floor = self.screen(x32[r])  # [V], [V], the lowest value the winner can have
-            cand = kernels.head_candidates(a, bound, floor, out=self._buffers[2]) if self.integer \
-                else torch.nonzero(a + bound >= floor).flatten()  # ascending row ids
-            if cand.numel() > MAX_CANDIDATES:
-                self.full_heads += 1
-                out[r] = torch.argmax(F.linear(x[r], self.weight))
-                continue
-            if self.rows is not None:  # the same logits (rounded to the head dtype) in C, no row gather
-                out[r] = kernels.head_exact(self.rows, cand, x[r])
-                continue
-            exact = F.linear(x[r], self.weight[cand])  # [C] in the head dtype, as the reference rounds
-            out[r] = cand[torch.argmax(exact)]
+            out[r] = self._pick(x[r], a, bound, floor)
         return out
+
+    def _pick(self, x: torch.Tensor, a: torch.Tensor, bound: torch.Tensor, floor: float) -> int:
+        """The winning row for one x [D] (model dtype) from its screen: the candidates' exact logits."""
+        cand = kernels.head_candidates(a, bound, floor, out=self._buffers[2]) if self.integer \
+            else torch.nonzero(a + bound >= floor).flatten()  # ascending row ids
+        if cand.numel() > MAX_CANDIDATES:
+            self.full_heads += 1
+            return int(torch.argmax(F.linear(x, self.weight)))
+        if self.rows is not None:  # the same logits (rounded to the head dtype) in C, no row gather
+            return kernels.head_exact(self.rows, cand, x)
+        exact = F.linear(x, self.weight[cand])  # [C] in the head dtype, as the reference rounds
+        return int(cand[torch.argmax(exact)])
+
+
+def _round_int8(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """x [D] fp32 -> (xq [D] int8, sx): x ~ sx * xq, |xq| <= 127, round to nearest (sx 1.0 for x = 0)."""
+    sx = float(x.abs().max()) / 127 or 1.0
+    return torch.round(x / sx).clamp(-127, 127).to(torch.int8), sx

@@ -3,7 +3,8 @@
     ERNIE45_KERNEL_ISA=avx2 python tests/isa_outputs.py OUT.safetensors
 writes `outputs()` as computed by that build; tests/test_kernels.py compares it with its own build's.
 Every integer path is covered: int8 (with a K % 32 == 16 tail), int4 byte-split and packed-bits groups,
-int2 byte-split and packed-bits, the one-token expert step and the int8 head screen.
+int2 byte-split and packed-bits, the one-token expert step, the int8 head screen (one row and several),
+and the float kinds' multi-row tiles.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ def outputs() -> dict[str, torch.Tensor]:
     scale = torch.rand(300, generator=gen) / 100
     a, b, floor = kernels.head_screen(q, scale, q.float().abs().sum(1), xq, 0.01, 3.0, 1e-6)
     out["head_a"], out["head_b"], out["head_floor"] = a, b, torch.tensor([floor])
+    xr = torch.randint(-127, 128, (11, 256), generator=gen, dtype=torch.int8)  # 11 rows: a tile of 8 and 3
+    sx, l1 = torch.rand(11, generator=gen, dtype=torch.float64) / 50, torch.rand(11, generator=gen, dtype=torch.float64)
+    a, b, floors = kernels.head_screen_rows(q, scale, q.float().abs().sum(1), q.sum(1, dtype=torch.int32), xr, sx, l1,
+                                            1e-6)
+    out["head_rows_a"], out["head_rows_b"], out["head_rows_floors"] = a, b, floors
+    for dtype in (torch.float32, torch.bfloat16):  # float kinds: 4 x 4 tiles (AVX-512) against 1 x 2 (AVX2)
+        w = torch.randn(37, 96, generator=gen).to(dtype)
+        for M in (2, 7):
+            out[f"gemv_{dtype}_{M}"] = kernels.gemv(kernels.Weights(dtype, w, 96), torch.randn(M, 96, generator=gen))
     return out
 
 

@@ -69,6 +69,22 @@ def test_greedy_head_is_the_exact_argmax(dtype):
     assert dtype == torch.float32 or want[0] == 17
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_head_rows_share_one_screen(dtype):
+    """Several rows screen the int8 head in one pass (64 at a time): the same screen bits as one row alone,
+    and the exact argmax of every row (a vocabulary that is not a multiple of 8)."""
+    torch.manual_seed(12)
+    weight = (torch.randn(1003, 96) * 0.1).to(dtype)
+    x = torch.randn(70, 96).to(dtype)
+    head = GreedyHead(weight)
+    a, b, floors = head.screen_rows(x[:9].float())
+    for r in range(9):
+        a1, b1, floor = head.screen(x[r].float())
+        assert torch.equal(a[r], a1) and torch.equal(b[r], b1) and float(floors[r]) == floor
+    assert torch.equal(head(x), torch.argmax(F.linear(x, weight), dim=-1))
+
+
 def test_greedy_head_falls_back_to_the_full_head(monkeypatch):
     monkeypatch.setattr(greedy_head, "MAX_CANDIDATES", 0)
     weight, x = torch.randn(500, 32), torch.randn(3, 32)
@@ -280,6 +296,37 @@ def test_engine_on_fast_path_equals_reference_generate():
     got = Engine(model, kv_cache_bytes=4 << 20).generate(prompts, SamplingParams(temperature=0, max_tokens=10,
                                                                                  ignore_eos=True))
     assert got == want
+
+
+@needs_kernels
+def test_engine_takes_the_greedy_head_for_plain_greedy_rows_only():
+    """Greedy rows without logprobs or penalties get their tokens from one screened pass over the head;
+    rows that need logits (sampling, logprobs, penalties) go through the sampler. Tokens and logprobs are
+    those of the engine without a greedy head."""
+    model = tiny_model(seed=8)
+    fast.accelerate(model)
+    kinds = {"plain": SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+             "logprobs": SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=True, top_logprobs=2),
+             "penalty": SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, repetition_penalty=1.3),
+             "sampled": SamplingParams(temperature=0.8, max_tokens=6, ignore_eos=True, seed=5)}
+    prompts = {f"{k}{i}": [3 + i, 7, 11 + 2 * i] for k in kinds for i in range(2)}
+
+    def run(engine):
+        for rid, ids in prompts.items():
+            engine.add_request(rid, ids, kinds[rid[:-1]])
+        out = {}
+        while engine.has_unfinished():
+            for e in engine.step():
+                out.setdefault(e.request_id, []).append((e.token_id, e.logprobs))
+        return out
+
+    rows = []
+    head = model.greedy_head
+    model.greedy_head = lambda x: rows.append(x.shape[0]) or head(x)
+    with_head = run(Engine(model, kv_cache_bytes=4 << 20))
+    assert rows and max(rows) == 2  # the two plain rows of a step, together
+    model.greedy_head = None
+    assert with_head == run(Engine(model, kv_cache_bytes=4 << 20))
 
 
 def test_without_kernels_accelerate_still_correct(monkeypatch):

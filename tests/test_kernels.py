@@ -44,8 +44,9 @@ def test_gemv_rows_do_not_depend_on_batch(kind, K):
     x = torch.randn(70 if integer else 40, K)  # 70 = 17 tiles of 4 + 2 (VNNI), 35 of 2 (AVX2)
     weights = (_quant_weights(quantize_rtn(w, get_format(kind)), K) if integer else
                kernels.Weights(kind, w.to(kind), K))
-    together = kernels.gemv(weights, x)
-    assert torch.equal(together, torch.cat([kernels.gemv(weights, x[i:i + 1]) for i in range(len(x))]))
+    alone = torch.cat([kernels.gemv(weights, x[i:i + 1]) for i in range(len(x))])
+    for rows in (2, 5, len(x)):  # float kinds: 2 rows one weight row at a time, more in 4 x 4 tiles (AVX-512)
+        assert torch.equal(kernels.gemv(weights, x[:rows]), alone[:rows]), rows
     if not integer:
         with pytest.raises(ValueError, match="at most 64"):
             kernels.gemv(weights, torch.randn(65, K))
@@ -217,6 +218,25 @@ def test_head_exact_step_is_the_first_maximum_over_many_candidates(dtype):
     got = kernels.head_exact(kernels.Weights(dtype, w, 64), idx, x)
     want = idx[torch.argmax(F.linear(x.to(dtype), w[idx]))]
     assert got == int(want) == 10
+
+
+@needs_kernels
+@pytest.mark.parametrize("R,K", [(11, 288), (64, 256), (1, 96)])
+def test_head_screen_rows_give_each_row_the_one_row_screen(R, K):
+    """One pass over the int8 head for R rows (tiles of 8, padded; 8-row blocks of the head transposed into
+    place, N = 301 leaves a tail of 5; K % 64 == 32 a half vector): every a, b and floor bit for bit."""
+    gen = torch.Generator().manual_seed(21)
+    q = torch.randint(-127, 128, (301, K), generator=gen, dtype=torch.int8)
+    scale, abs_q, q_sum = torch.rand(301, generator=gen) / 100, q.float().abs().sum(1), q.sum(1, dtype=torch.int32)
+    xq = torch.randint(-127, 128, (R, K), generator=gen, dtype=torch.int8)
+    sx, l1 = torch.rand(R, generator=gen, dtype=torch.float64) / 50, torch.rand(R, generator=gen, dtype=torch.float64)
+    a, b, floors = kernels.head_screen_rows(q, scale, abs_q, q_sum, xq, sx, l1, 1e-5)
+    for r in range(R):
+        a1, b1, floor = kernels.head_screen(q, scale, abs_q, xq[r], float(sx[r]), float(l1[r]), 1e-5)
+        assert torch.equal(a[r], a1) and torch.equal(b[r], b1) and float(floors[r]) == floor, r
+    with pytest.raises(ValueError, match="at most 64"):
+        kernels.head_screen_rows(q, scale, abs_q, q_sum, torch.zeros(65, K, dtype=torch.int8), torch.ones(65),
+                                 torch.ones(65), 1e-5)
 
 
 @needs_kernels

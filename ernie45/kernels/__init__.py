@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("decode.c")  # includes gemv.c, moe.c, head.c: one library
 SOURCES = (SOURCE, *(Path(__file__).with_name(f) for f in ("gemv.c", "moe.c", "head.c")))
@@ -122,6 +123,7 @@ def _build() -> ctypes.CDLL:
     if handle.ernie45_decode_phases() != len(DECODE_PHASES):
         raise RuntimeError("decode.c's phases and kernels.DECODE_PHASES disagree")
     handle.ernie45_head_screen.restype = ctypes.c_float
+    handle.ernie45_head_screen_rows.restype = None
     handle.ernie45_head_candidates.restype = ctypes.c_long
     handle.ernie45_head_exact.restype = ctypes.c_long
     handle.ernie45_rms_norm.restype = None
@@ -346,6 +348,33 @@ def head_screen(q: torch.Tensor, scale: torch.Tensor, abs_q: torch.Tensor, xq: t
                                            ctypes.c_float(sx), ctypes.c_float(l1_half), ctypes.c_float(sx / 2),
                                            ctypes.c_float(slack), K, N, _ptr(a), _ptr(b), torch.get_num_threads())
     return a, b, float(floor)
+
+
+SCREEN_RMAX = 64  # head.c's SCREEN_RMAX
+SCREEN_TILE = 8  # head.c's SCREEN_TILE
+
+
+def head_screen_rows(q: torch.Tensor, scale: torch.Tensor, abs_q: torch.Tensor, q_sum: torch.Tensor, xq: torch.Tensor,
+                     sx: torch.Tensor, l1_half: torch.Tensor, slack: float, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """head_screen for R activation rows xq [R, K] (scales sx [R], l1_half [R]) in one pass over the int8
+    head (q_sum [N] int32: each head row's sum of codes): (a [R, N], b [R, N], floors [R]), each row bit-identical to head_screen on it alone. R <= 64.
+    `out`: reusable a, b of at least R * N elements."""
+    N, K = q.shape
+    R = xq.shape[0]
+    if R > SCREEN_RMAX:
+        raise ValueError(f"head_screen_rows takes at most {SCREEN_RMAX} rows, got {R}")
+    a, b = (o.view(-1)[:R * N].view(R, N) for o in out) if out is not None else (torch.empty(R, N), torch.empty(R, N))
+    floors = torch.empty(R)
+    xq = F.pad(xq, (0, 0, 0, -R % SCREEN_TILE))  # head.c sums whole tiles of rows; zero rows pad the last
+    axq = xq.abs()  # |xq| <= 127 fits int8; head.c reads it as unsigned bytes (AVX2 build)
+    ux = (xq.to(torch.int16) + 128).to(torch.uint8)  # xq + 128, unsigned (VNNI build)
+    sx32, l1 = sx.float().contiguous(), l1_half.float().contiguous()
+    half = (sx32 / 2).contiguous()
+    _require().ernie45_head_screen_rows(_ptr(q), ctypes.c_long(q.stride(0)), _ptr(scale), _ptr(abs_q), _ptr(q_sum),
+                                        _ptr(xq), _ptr(axq), _ptr(ux), _ptr(sx32), _ptr(l1), _ptr(half), ctypes.c_float(slack), K, N, R,
+                                        _ptr(a), _ptr(b), _ptr(floors), torch.get_num_threads())
+    return a, b, floors
 
 
 def head_candidates(a: torch.Tensor, b: torch.Tensor, floor: float, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -96,57 +96,6 @@ static float dot_plain(const wview *v, long n, const float *x, int K) {
 }
 
 #define MAX_ROWS 64   /* activation rows one call may carry (M) */
-#define CHUNK 512     /* columns of four weight rows converted to fp32 at a time (8 KB) */
-
-/* y[m, n..n+3] for all M rows (float kinds): the four weight rows are converted to fp32 once per CHUNK columns and
- * reused for every activation row. Each (m, r) keeps the lane accumulators of dot_plain across chunks,
- * so the result is bit-identical to dot_plain for any M. M <= MAX_ROWS, K % 16 == 0. */
-static void dot4_rows(const wview *v, long n, const float *x, int M, int K, int N, float *y) {
-    float buf[4][CHUNK] __attribute__((aligned(32)));
-    float acc[MAX_ROWS][4][16] __attribute__((aligned(32)));
-    memset(acc, 0, sizeof(float) * 64 * M);
-    const char *rows[4] = {(const char *)v->w + n * v->ld, (const char *)v->w + (n + 1) * v->ld,
-                           (const char *)v->w + (n + 2) * v->ld, (const char *)v->w + (n + 3) * v->ld};
-    for (int k0 = 0; k0 < K; k0 += CHUNK) {
-        const int kc = K - k0 < CHUNK ? K - k0 : CHUNK;
-        const float *wr[4];
-        for (int r = 0; r < 4; r++) {
-            if (v->kind == 0) {
-                wr[r] = (const float *)rows[r] + k0;
-            } else {
-                for (int k = 0; k < kc; k += 8) _mm256_store_ps(buf[r] + k, load_w8(v->kind, rows[r], k0 + k));
-                wr[r] = buf[r];
-            }
-        }
-        for (int m = 0; m < M; m++) {
-            const float *xm = x + (long)m * K + k0;
-            float (*am)[16] = acc[m];
-            __m256 a0 = _mm256_load_ps(am[0]), b0 = _mm256_load_ps(am[0] + 8);
-            __m256 a1 = _mm256_load_ps(am[1]), b1 = _mm256_load_ps(am[1] + 8);
-            __m256 a2 = _mm256_load_ps(am[2]), b2 = _mm256_load_ps(am[2] + 8);
-            __m256 a3 = _mm256_load_ps(am[3]), b3 = _mm256_load_ps(am[3] + 8);
-            for (int k = 0; k < kc; k += 16) {
-                __m256 x0 = _mm256_loadu_ps(xm + k), x1 = _mm256_loadu_ps(xm + k + 8);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[0] + k), x0, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[1] + k), x0, a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[2] + k), x0, a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[3] + k), x0, a3);
-                b0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[0] + k + 8), x1, b0);
-                b1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[1] + k + 8), x1, b1);
-                b2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[2] + k + 8), x1, b2);
-                b3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr[3] + k + 8), x1, b3);
-            }
-            _mm256_store_ps(am[0], a0), _mm256_store_ps(am[0] + 8, b0);
-            _mm256_store_ps(am[1], a1), _mm256_store_ps(am[1] + 8, b1);
-            _mm256_store_ps(am[2], a2), _mm256_store_ps(am[2] + 8, b2);
-            _mm256_store_ps(am[3], a3), _mm256_store_ps(am[3] + 8, b3);
-        }
-    }
-    for (int m = 0; m < M; m++)
-        for (int r = 0; r < 4; r++) {
-            y[(long)m * N + n + r] = hsum8(_mm256_add_ps(_mm256_load_ps(acc[m][r]), _mm256_load_ps(acc[m][r] + 8)));
-        }
-}
 
 #define ACT_BLOCK 64  /* columns per int16 activation step for int8 weights (header) */
 
@@ -299,6 +248,77 @@ static inline __m256i fold_hi_lo(__m256i A, __m256i B) {
 #else     /* 16 */
 #define TILE_C 2
 #endif
+
+/* dot_plain for R consecutive rows n.. and C activation rows x [C, K] (rows K apart), R <= PLAIN_R and
+ * C <= PLAIN_C constants after inlining: each 16 weights converted to fp32 once for the C rows, each
+ * activation load shared by the R rows. Every (row, activation) pair keeps dot_plain's two 8-lane
+ * accumulators (with AVX-512 as the two halves of one 16-lane register), FMAs in the same order and its
+ * final sum, so the bits do not depend on the tiling (tested); out[c * ldo + r]. With AVX-512 a 4 x 4
+ * tile needs 8 loads per 16 FMAs (the FMA units, not the load ports, set the pace); AVX2 has the
+ * registers for 1 x 2. */
+#define PLAIN_ONE_ROW_M 4  /* up to this many activation rows, one weight row per tile: one stream per thread */
+#if VNNI
+#define PLAIN_R 4
+#define PLAIN_C 4
+static inline __m512 load_w16(int kind, const char *row, int k) {
+    if (kind == 0) return _mm512_loadu_ps((const float *)row + k);
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+#else
+#define PLAIN_R 1
+#define PLAIN_C 2
+#endif
+
+static inline __attribute__((always_inline)) void dot_plain_tile(const wview *v, const int kind, long n, const int R,
+                                                                 const float *x, const int C, int K, long ldo,
+                                                                 float *out) {
+    const char *row[PLAIN_R];
+    const int esize = kind == 0 ? 4 : 2;
+    for (int r = 0; r < R; r++) row[r] = (const char *)v->w + (n + r) * v->ld;
+#if VNNI
+    __m512 acc[PLAIN_R][PLAIN_C];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    const long ahead = R * v->ld - PREFETCH;  /* the same column of the next tile's rows */
+    for (int k = 0; k < K; k += 16) {
+        __m512 w[PLAIN_R];
+        for (int r = 0; r < R; r++) {
+            prefetch_ahead(row[r] + ahead + (long)k * esize);
+            w[r] = load_w16(kind, row[r], k);
+        }
+        for (int c = 0; c < C; c++) {
+            const __m512 xv = _mm512_loadu_ps(x + (long)c * K + k);
+            for (int r = 0; r < R; r++) acc[r][c] = _mm512_fmadd_ps(w[r], xv, acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            out[(long)c * ldo + r] = hsum8(_mm256_add_ps(_mm512_castps512_ps256(acc[r][c]),
+                                                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][c]), 1))));
+#else
+    __m256 a0[PLAIN_R][PLAIN_C], a1[PLAIN_R][PLAIN_C];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) a0[r][c] = a1[r][c] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k += 16) {
+        __m256 w0[PLAIN_R], w1[PLAIN_R];
+        for (int r = 0; r < R; r++) {
+            prefetch_ahead(row[r] + (long)k * esize);
+            w0[r] = load_w8(kind, row[r], k);
+            w1[r] = load_w8(kind, row[r], k + 8);
+        }
+        for (int c = 0; c < C; c++) {
+            const __m256 x0 = _mm256_loadu_ps(x + (long)c * K + k), x1 = _mm256_loadu_ps(x + (long)c * K + k + 8);
+            for (int r = 0; r < R; r++) {
+                a0[r][c] = _mm256_fmadd_ps(w0[r], x0, a0[r][c]);
+                a1[r][c] = _mm256_fmadd_ps(w1[r], x1, a1[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) out[(long)c * ldo + r] = hsum8(_mm256_add_ps(a0[r][c], a1[r][c]));
+#endif
+}
 
 static inline __attribute__((always_inline)) void dot_i8_tile(const wview *v, long n, const int R, const int16_t *xi,
                                                               const float *xs, const int C, int K, long ldo,
@@ -596,6 +616,24 @@ static void int_tile(const wview *v, long n, int R, const int16_t *xi, const flo
 #undef TILE_CASE
 }
 
+/* dot_plain_tile with 1 <= R <= PLAIN_R and 1 <= C <= PLAIN_C given at run time: each shape its own copy. */
+static void plain_tile(const wview *v, long n, int R, const float *x, int C, int K, long ldo, float *out) {
+#define TILE_CASE(r, c) \
+    case (r) * 8 + (c): \
+        if (v->kind == 0) dot_plain_tile(v, 0, n, r, x, c, K, ldo, out); \
+        else dot_plain_tile(v, 1, n, r, x, c, K, ldo, out); \
+        return;
+    switch (R * 8 + C) {
+        TILE_CASE(1, 1) TILE_CASE(1, 2)
+#if PLAIN_R > 1
+        TILE_CASE(1, 3) TILE_CASE(1, 4) TILE_CASE(2, 1) TILE_CASE(2, 2) TILE_CASE(2, 3) TILE_CASE(2, 4)
+        TILE_CASE(3, 1) TILE_CASE(3, 2) TILE_CASE(3, 3) TILE_CASE(3, 4) TILE_CASE(4, 1) TILE_CASE(4, 2)
+        TILE_CASE(4, 3) TILE_CASE(4, 4)
+#endif
+    }
+#undef TILE_CASE
+}
+
 /* Work-shared rows [0, N) of y[m] = W x[m] for m < M from activations prepared by prep_int. int4 and
  * int8 in tiles (dot_q4_tile, dot_i8_tile): TILE_R weight rows by up to TILE_C activation rows; one
  * activation row (decode) keeps single rows (int8, and int4 above PAIR_MAX_K columns). */
@@ -642,15 +680,15 @@ static void rows_of(const wview *v, const float *x, int M, int K, int N, float *
         for (int n = 0; n < N; n++) y[n] = dot_plain(v, n, x, K);
         return;
     }
-    const int blocks = N / 4;
+    const int tr = M <= PLAIN_ONE_ROW_M ? 1 : PLAIN_R;
 #pragma omp for schedule(static)
-    for (int b = 0; b < blocks + N % 4; b++) {
-        if (b < blocks) {
-            dot4_rows(v, 4L * b, x, M, K, N, y);
-            continue;
+    for (int b = 0; b < (N + TILE_NB - 1) / TILE_NB; b++) {  /* as rows_int: TILE_NB weight rows stay in cache */
+        const int n1 = (b + 1) * TILE_NB < N ? (b + 1) * TILE_NB : N;
+        for (int m = 0; m < M; m += PLAIN_C) {
+            const int C = M - m < PLAIN_C ? M - m : PLAIN_C;
+            for (int n = b * TILE_NB; n < n1; n += tr)
+                plain_tile(v, n, n1 - n < tr ? n1 - n : tr, x + (long)m * K, C, K, N, y + (long)m * N + n);
         }
-        const int n = 4 * blocks + (b - blocks);
-        for (int m = 0; m < M; m++) y[(long)m * N + n] = dot_plain(v, n, x + (long)m * K, K);
     }
 }
 
