@@ -6,14 +6,15 @@ every round times one sweep of each, back to back, over the same weights (far mo
 cache, so every sweep reads them from memory); the median of the per-round ratios is robust to the drift.
 Outputs must be bit-identical between the versions (checked) unless --allow-different.
 
-    python bench/kernel_ab.py [--base REV] [--other DIR] [--rounds 15] [--threads 2] [--rows 1] [--out DIR]
+    python bench/kernel_ab.py [--base REV] [--other DIR] [--rounds 15] [--threads 2] [--rows 1] [--float] [--out DIR]
 
 base: the kernel sources at git revision REV (default HEAD); other: a kernels directory (default the
 working tree's ernie45/kernels). Measured: `ernie45_gemv` on cold int4 weights of the bench model's
 shapes (q/k/v rows 2560 x 1024, an expert's down 1024 x 256) for each count of activation rows in --rows
-(1: decode; 32: a serving batch; 512: a prefill; above 1 also int8 2560 x 1024), `ernie45_moe_token`, one token through top-6 of 64 int4
-experts (1024 x 256 each) per layer, over 7 layers, and with --rows above 1 `ernie45_moe_tokens`, a
-decode batch of 32 tokens through the same experts. Writes kernel_ab.json and .md; rates are weight
+(1: decode; 32: a serving batch; 512: a prefill; above 1 also int8 2560 x 1024; with --float bf16 and fp32
+2560 x 1024 at up to 64 rows), `ernie45_moe_token`, one token through top-6 of 64 int4
+experts (1024 x 256 each) per layer, over 7 layers, and for each of --rows from 2 to 64 `ernie45_moe_tokens`,
+a decode batch of that many tokens through the same experts. Writes kernel_ab.json and .md; rates are weight
 bytes per second (with many rows the kernels are bound by compute, not by the weights' bytes).
 """
 
@@ -62,7 +63,13 @@ def sources_at(rev: str, into: Path) -> Path:
     return into
 
 
+FLOATS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def int4(rows: int, cols: int, lead: int | None = None, fmt: str = "int4") -> kernels.Weights:
+    """Random weights in `fmt` (int4 g128 by default; int8; or the float kinds bf16 / fp32)."""
+    if fmt in FLOATS:
+        return kernels.Weights(FLOATS[fmt], torch.randn(rows, cols).to(FLOATS[fmt]), cols)
     q = quantize_rtn(torch.randn((lead or 1) * rows, cols), get_format(fmt), 128 if fmt == "int4" else None)
     view = (lambda t: t.view(lead, rows, -1)) if lead else (lambda t: t)
     zeros = view(q.zeros) if getattr(q, "zeros", None) is not None else None
@@ -74,9 +81,13 @@ def _p(t: torch.Tensor) -> ctypes.c_void_p:
 
 
 def gemv_case(N: int, K: int, threads: int, sweep_bytes: float, M: int = 1, fmt: str = "int4"):
-    """(sweep(lib) -> output, bytes per sweep) for enough N x K int4 (or int8) weights to fill sweep_bytes
-    (divided by M: many rows make a sweep compute-bound), each times M activation rows."""
-    ws = [int4(N, K, fmt=fmt) for _ in range(max(2, int(sweep_bytes / M // (N * K // 2))))]
+    """(sweep(lib) -> output, bytes per sweep) for enough N x K int4 (int8, bf16, fp32) weights to fill
+    sweep_bytes (divided by M: many rows make a sweep compute-bound), each times M activation rows."""
+    if fmt in FLOATS:  # float weights stay memory-bound up to 4 rows: size the sweep by their own bytes
+        count = int(sweep_bytes / min(M, 4) // (N * K * FLOATS[fmt].itemsize))
+    else:
+        count = int(sweep_bytes / M // (N * K // 2))
+    ws = [int4(N, K, fmt=fmt) for _ in range(max(2, count))]
     x, y = torch.randn(len(ws), M, K), torch.empty(len(ws), M, N)
     xp, xs = torch.empty(M * K), torch.empty(M * K)
 
@@ -101,7 +112,7 @@ def moe_tokens_case(threads: int, tokens: int = 32):
         pairs.append((ids.flatten()[order].contiguous(), tok[order].contiguous()))
     coef, x = torch.rand(tokens * k, generator=gen), torch.randn(tokens, D, generator=gen)
     y = torch.zeros(L, tokens, D)
-    R = 64
+    R = tokens * k  # scratch for every pair (enough for versions that asked for 64 rows of one expert)
     X, Y, G, U = torch.empty(R * D), torch.empty(R * D), torch.empty(R * F), torch.empty(R * F)
     xp, xs = torch.empty(R * max(D, F)), torch.empty(R * max(D, F))
     (wgu, sgu), (wd, sd) = stacks[0][0].expert_strides(), stacks[0][2].expert_strides()
@@ -110,7 +121,7 @@ def moe_tokens_case(threads: int, tokens: int = 32):
         y.zero_()
         for i, (g, u, d) in enumerate(stacks):
             ids, tok = pairs[i]
-            rows = (R,) if lib.moe_tokens_takes_max_rows else ()
+            rows = (64,) if lib.moe_tokens_takes_max_rows else ()
             lib.ernie45_moe_tokens(ctypes.byref(g.view), ctypes.byref(u.view), ctypes.byref(d.view), ctypes.c_long(wgu),
                                    ctypes.c_long(sgu), ctypes.c_long(wd), ctypes.c_long(sd), _p(ids), _p(tok), _p(coef),
                                    len(ids), *rows, _p(x), D, F, _p(y[i]), _p(X), _p(G), _p(U), _p(Y), _p(xp), _p(xs),
@@ -192,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                    "last-level cache, so every sweep reads from memory)")
     p.add_argument("--rows", type=lambda v: [int(r) for r in v.split(",")], default=[1],
                    help="comma-separated activation rows per gemv call (default 1: decode; e.g. 1,32,512)")
+    p.add_argument("--float", action="store_true", help="also bf16 and fp32 weights (2560 x 1024) at each of --rows "
+                   "up to 64")
     p.add_argument("--allow-different", action="store_true", help="time versions whose outputs differ")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
@@ -209,9 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         for M in (m for m in args.rows if m > 1):  # int8 in tiles too
             N, K = GEMV_SHAPES[0]
             cases[f"gemv int8 {N} x {K}, {M} rows"] = gemv_case(N, K, args.threads, args.sweep_mb * 1e6, M, "int8")
-        if max(args.rows) > 1:
-            cases[f"moe_tokens int4, 32 tokens x top-{MOE['k']} of {MOE['E']}, {MOE['layers']} layers"] = \
-                moe_tokens_case(args.threads)
+        for M in (m for m in args.rows if args.float and m <= kernels.MAX_ROWS):  # bf16 and fp32 weights
+            N, K = GEMV_SHAPES[0]
+            for fmt in FLOATS:
+                cases[f"gemv {fmt} {N} x {K}, {M} rows"] = gemv_case(N, K, args.threads, args.sweep_mb * 1e6, M, fmt)
+        for M in (m for m in args.rows if 1 < m <= 64):  # a decode batch of M tokens through the experts
+            cases[f"moe_tokens int4, {M} tokens x top-{MOE['k']} of {MOE['E']}, {MOE['layers']} layers"] = \
+                moe_tokens_case(args.threads, M)
         results = {name: compare(sweep, nbytes, libs, args.rounds, args.allow_different)
                    for name, (sweep, nbytes) in cases.items()}
     res = {"command": "python bench/kernel_ab.py " + " ".join(argv), "base": args.base, "other": str(args.other),

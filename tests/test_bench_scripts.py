@@ -89,10 +89,9 @@ def _kernels_or_skip():
         pytest.skip(f"decode kernels unavailable: {kernels.unavailable_reason()}")
 
 
-def test_decode_profile_splits_a_token_into_every_part(tmp_path):
-    """bench/decode_profile.py on a small model whose every weight takes the kernels and whose head is
-    big enough for the int8 screen (32768 x 128 = GREEDY_HEAD_MIN_ELEMENTS)."""
-    _kernels_or_skip()
+def _screened_head_model(path: Path) -> None:
+    """A small bf16 checkpoint whose every weight takes the kernels and whose head is big enough for the
+    int8 screen (32768 x 128 = GREEDY_HEAD_MIN_ELEMENTS)."""
     import torch
 
     from ernie45.config import PRESETS, ModelConfig
@@ -104,7 +103,28 @@ def test_decode_profile_splits_a_token_into_every_part(tmp_path):
                                      num_key_value_heads=2, head_dim=32, moe_num_experts=8, moe_k=2,
                                      moe_intermediate_size=64, moe_layer_start_index=1, moe_layer_end_index=2,
                                      num_nextn_predict_layers=0, max_position_embeddings=512))
-    save_checkpoint(init_random(build_model(cfg, torch.bfloat16), std=0.08), tmp_path / "model")
+    save_checkpoint(init_random(build_model(cfg, torch.bfloat16), std=0.08), path)
+
+
+def test_serve_ab_times_the_engine_with_and_without_the_screened_head(tmp_path):
+    _kernels_or_skip()
+    _screened_head_model(tmp_path / "model")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "bench" / "serve_ab.py"), "--model", str(tmp_path / "model"), "--configs",
+           "bf16,int4", "--concurrency", "3", "--rounds", "1", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "serve_ab.json").read_text())
+    assert [(c["config"], c["concurrency"]) for c in res["cases"]] == [("bf16", 3), ("int4", 3)]
+    for case in res["cases"]:
+        assert case["ratio_median"] > 0 and min(case["tok_s_median"].values()) > 0
+    assert "| int4 | 3 |" in (tmp_path / "serve_ab.md").read_text()
+
+
+def test_decode_profile_splits_a_token_into_every_part(tmp_path):
+    """bench/decode_profile.py on the small model of `_screened_head_model`."""
+    _kernels_or_skip()
+    _screened_head_model(tmp_path / "model")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(REPO / "bench" / "decode_profile.py"), "--model", str(tmp_path / "model"),
            "--quant", "int4", "--tokens", "4", "--rounds", "1", "--threads", "1", "--bw-gbytes", "0.05", "--out", str(tmp_path)]
@@ -131,11 +151,12 @@ def test_kernel_ab_times_two_kernel_versions(tmp_path):
         pytest.skip("not a git checkout (kernel_ab.py reads the base sources with git)")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(REPO / "bench" / "kernel_ab.py"), "--rounds", "2", "--sweep-mb", "1", "--threads", "1",
-           "--rows", "1,3", "--allow-different", "--out", str(tmp_path)]
+           "--rows", "1,3", "--float", "--allow-different", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "kernel_ab.json").read_text())
-    assert len(res["cases"]) == 7  # gemv int4: two shapes x two row counts; int8 at 3 rows; moe_token(s)
+    assert len(res["cases"]) == 11  # gemv int4: two shapes x two row counts; int8 at 3 rows; moe_token(s); bf16
+    assert "gemv bf16 2560 x 1024, 3 rows" in res["cases"]  # and fp32 at both row counts (--float)
     for case in res["cases"].values():
         assert case["speed_ratio_median"] > 0 and case["gb_s"]["base"]["median"] > 0
 

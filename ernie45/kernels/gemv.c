@@ -435,13 +435,13 @@ static inline float dot_packed_bits(const wview *v, long n, const int16_t *xi, c
  * each activation chunk loaded once for the R rows, with R*C independent accumulator chains. Every
  * (row, activation) pair gets the sums and float steps of dot_q4_split below (integer sums are exact in
  * any order), so results do not depend on the tiling (tested). Used for several activation rows
- * (prefill, decode batches: rows_int), where one pair per call ran ~4 MACs per cycle, and for pairs of
+ * (prefill, decode batches: rows_slice), where one pair per call ran ~4 MACs per cycle, and for pairs of
  * decode rows of at most PAIR_MAX_K columns: longer decode rows streamed slower in pairs on a Zen 3, and
  * a single row streamed slower through this than through dot_q4_split (bench/kernel_ab.py).
  * xi: activation row 0's prepared int16 row (rows K apart); xs: its steps then group sums (2 * K / group
  * floats per row); out[c * ldo + r]. */
 #define PAIR_MAX_K 512
-#define TILE_NB 16  /* weight rows per work item of rows_int */
+#define TILE_NB 16  /* weight rows per work item of rows_of (a slice for rows_slice) */
 
 #define TILE_RMAX 4  /* dot_q4_tile's register arrays: TILE_R for many activation rows, 4 for one (moe.c's rows_at) */
 static inline __attribute__((always_inline)) void dot_q4_tile(const wview *v, long n, const int R, const int16_t *xi,
@@ -634,62 +634,60 @@ static void plain_tile(const wview *v, long n, int R, const float *x, int C, int
 #undef TILE_CASE
 }
 
-/* Work-shared rows [0, N) of y[m] = W x[m] for m < M from activations prepared by prep_int. int4 and
- * int8 in tiles (dot_q4_tile, dot_i8_tile): TILE_R weight rows by up to TILE_C activation rows; one
- * activation row (decode) keeps single rows (int8, and int4 above PAIR_MAX_K columns). */
-static void rows_int(const wview *v, const int16_t *xi, const float *xs, int M, int K, int N, float *y) {
-    const int nb = act_blocks(v, K);
-    if ((split_q4(v) || v->kind == 2) && (M > 1 || (split_q4(v) && K <= PAIR_MAX_K))) {
-#pragma omp for schedule(static)
-        for (int b = 0; b < (N + TILE_NB - 1) / TILE_NB; b++) {  /* TILE_NB weight rows stay in L1 ... */
-            const int n1 = (b + 1) * TILE_NB < N ? (b + 1) * TILE_NB : N;
-            for (int m = 0; m < M; m += TILE_C) {  /* ... while TILE_C activation rows meet all of them */
-                const int C = M - m < TILE_C ? M - m : TILE_C;
-                for (int n = b * TILE_NB; n < n1; n += TILE_R)
-                    int_tile(v, n, n1 - n < TILE_R ? n1 - n : TILE_R, xi + (long)m * K, xs + (long)m * 2 * nb, C, K,
-                             N, y + (long)m * N + n);
-            }
-        }
-        return;
-    }
-#pragma omp for schedule(static)
-    for (int n = 0; n < N; n++)
-        for (int m = 0; m < M; m++) {
-            const float *sm = xs + (long)m * 2 * nb;
-            y[(long)m * N + n] = v->kind == 2 ? dot_i8(v, n, xi + (long)m * K, sm, K)
-                                              : dot_packed(v, n, xi + (long)m * K, sm, sm + nb, K);
-        }
-}
-
 /* Work-shared: whatever x [M, K] needs before rows_of (the integer kinds' activations); nothing for the
  * float kinds. xp: scratch of M*K floats (holds the int16 row), xs: M*K floats. */
 static void prep_act(const wview *v, const float *x, int M, int K, float *xp, float *xs) {
     if (is_int(v)) prep_int(v, x, M, K, (int16_t *)xp, xs);
 }
 
-/* Work-shared rows [0, N) of y[m] = W x[m] for m < M, after prep_act(v or a view of the same kind and
- * group, x, ...). */
-static void rows_of(const wview *v, const float *x, int M, int K, int N, float *y, const float *xp,
-                    const float *xs) {
+/* Rows [n0, n1) of y[m] = W x[m] for m < M into y[m * ldy + n], by one thread (not work-shared), from x
+ * and (integer kinds) its rows prepared by prep_act: int8 and int4 (groups of 64k) in tiles of TILE_R
+ * weight rows by TILE_C activation rows (one activation row keeps single rows: int8, and int4 above
+ * PAIR_MAX_K columns); float kinds in dot_plain_tile's tiles (one weight row up to PLAIN_ONE_ROW_M
+ * activation rows); other integer kinds row by row. Callers keep n1 - n0 small (TILE_NB) so the slice's
+ * weight rows stay in L1 while every activation row meets them. Every kind gives the bits of one row at
+ * a time. */
+static void rows_slice(const wview *v, const float *x, int M, int K, int n0, int n1, float *y, long ldy,
+                       const float *xp, const float *xs) {
     if (is_int(v)) {
-        rows_int(v, (const int16_t *)xp, xs, M, K, N, y);
+        const int16_t *xi = (const int16_t *)xp;
+        const int nb = act_blocks(v, K);
+        if ((split_q4(v) || v->kind == 2) && (M > 1 || (split_q4(v) && K <= PAIR_MAX_K))) {
+            for (int m = 0; m < M; m += TILE_C) {
+                const int C = M - m < TILE_C ? M - m : TILE_C;
+                for (int n = n0; n < n1; n += TILE_R)
+                    int_tile(v, n, n1 - n < TILE_R ? n1 - n : TILE_R, xi + (long)m * K, xs + (long)m * 2 * nb, C, K,
+                             ldy, y + (long)m * ldy + n);
+            }
+            return;
+        }
+        for (int n = n0; n < n1; n++)
+            for (int m = 0; m < M; m++) {
+                const float *sm = xs + (long)m * 2 * nb;
+                y[(long)m * ldy + n] = v->kind == 2 ? dot_i8(v, n, xi + (long)m * K, sm, K)
+                                                    : dot_packed(v, n, xi + (long)m * K, sm, sm + nb, K);
+            }
         return;
     }
-    if (M == 1) {  /* one row at a time: one sequential weight stream per thread (prefetch_ahead) */
-#pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) y[n] = dot_plain(v, n, x, K);
+    if (M == 1) {
+        for (int n = n0; n < n1; n++) y[n] = dot_plain(v, n, x, K);
         return;
     }
     const int tr = M <= PLAIN_ONE_ROW_M ? 1 : PLAIN_R;
-#pragma omp for schedule(static)
-    for (int b = 0; b < (N + TILE_NB - 1) / TILE_NB; b++) {  /* as rows_int: TILE_NB weight rows stay in cache */
-        const int n1 = (b + 1) * TILE_NB < N ? (b + 1) * TILE_NB : N;
-        for (int m = 0; m < M; m += PLAIN_C) {
-            const int C = M - m < PLAIN_C ? M - m : PLAIN_C;
-            for (int n = b * TILE_NB; n < n1; n += tr)
-                plain_tile(v, n, n1 - n < tr ? n1 - n : tr, x + (long)m * K, C, K, N, y + (long)m * N + n);
-        }
+    for (int m = 0; m < M; m += PLAIN_C) {
+        const int C = M - m < PLAIN_C ? M - m : PLAIN_C;
+        for (int n = n0; n < n1; n += tr)
+            plain_tile(v, n, n1 - n < tr ? n1 - n : tr, x + (long)m * K, C, K, ldy, y + (long)m * ldy + n);
     }
+}
+
+/* Work-shared rows [0, N) of y[m] = W x[m] for m < M, after prep_act(v or a view of the same kind and
+ * group, x, ...): slices of TILE_NB weight rows. */
+static void rows_of(const wview *v, const float *x, int M, int K, int N, float *y, const float *xp,
+                    const float *xs) {
+#pragma omp for schedule(static)
+    for (int b = 0; b < (N + TILE_NB - 1) / TILE_NB; b++)
+        rows_slice(v, x, M, K, b * TILE_NB, (b + 1) * TILE_NB < N ? (b + 1) * TILE_NB : N, y, N, xp, xs);
 }
 
 static inline int same_act(const wview *a, const wview *b) {  /* b can reuse a's prepared activations */
