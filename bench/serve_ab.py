@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             cases.append({"config": config, "concurrency": c, **measure(model, c, args.rounds)})
             print(cases[-1]["config"], c, f"{cases[-1]['ratio_median']:.2f}x", flush=True)
         del model
-    res = {"command": "python bench/serve_ab.py " + " ".join(argv), "model": str(args.model),
+    res = {"command": " ".join(["python bench/serve_ab.py", *argv]), "model": str(args.model),
            "threads": args.threads, "rounds": args.rounds, "loadavg": [round(v, 2) for v in os.getloadavg()],
            "cases": cases}
     args.out.mkdir(parents=True, exist_ok=True)
