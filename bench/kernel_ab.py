@@ -12,7 +12,7 @@ base: the kernel sources at git revision REV (default HEAD); other: a kernels di
 working tree's ernie45/kernels). Measured: `ernie45_gemv` on cold int4 weights of the bench model's
 shapes (q/k/v rows 2560 x 1024, an expert's down 1024 x 256) for each count of activation rows in --rows
 (1: decode; 32: a serving batch; 512: a prefill; above 1 also int8 2560 x 1024; with --float bf16 and fp32
-2560 x 1024 at up to 64 rows), `ernie45_moe_token`, one token through top-6 of 64 int4
+2560 x 1024 at up to 64 rows, and bf16 experts in the batches below), `ernie45_moe_token`, one token through top-6 of 64 int4
 experts (1024 x 256 each) per layer, over 7 layers, and for each of --rows from 2 to 64 `ernie45_moe_tokens`,
 a decode batch of that many tokens through the same experts. Writes kernel_ab.json and .md; rates are weight
 bytes per second (with many rows the kernels are bound by compute, not by the weights' bytes).
@@ -69,7 +69,8 @@ FLOATS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 def int4(rows: int, cols: int, lead: int | None = None, fmt: str = "int4") -> kernels.Weights:
     """Random weights in `fmt` (int4 g128 by default; int8; or the float kinds bf16 / fp32)."""
     if fmt in FLOATS:
-        return kernels.Weights(FLOATS[fmt], torch.randn(rows, cols).to(FLOATS[fmt]), cols)
+        w = torch.randn((lead or 1) * rows, cols).to(FLOATS[fmt])
+        return kernels.Weights(FLOATS[fmt], w.view(lead, rows, cols) if lead else w, cols)
     q = quantize_rtn(torch.randn((lead or 1) * rows, cols), get_format(fmt), 128 if fmt == "int4" else None)
     view = (lambda t: t.view(lead, rows, -1)) if lead else (lambda t: t)
     zeros = view(q.zeros) if getattr(q, "zeros", None) is not None else None
@@ -98,11 +99,12 @@ def gemv_case(N: int, K: int, threads: int, sweep_bytes: float, M: int = 1, fmt:
     return sweep, sum(w.nbytes for w in ws)
 
 
-def moe_tokens_case(threads: int, tokens: int = 32):
-    """A decode batch: `tokens` tokens through top-k experts of each layer's int4 stacks (at most 64 rows per
-    expert, so versions before moe_tokens took a row limit run it too); bytes = the experts it reads."""
+def moe_tokens_case(threads: int, tokens: int = 32, fmt: str = "int4"):
+    """A decode batch: `tokens` tokens through top-k experts of each layer's int4 (or `fmt`) stacks (at most 64
+    rows per expert, so versions before moe_tokens took a row limit run it too); bytes = the experts it reads,
+    each layer's distinct ones."""
     E, D, F, k, L = (MOE[n] for n in ("E", "D", "F", "k", "layers"))
-    stacks = [(int4(F, D, E), int4(F, D, E), int4(D, F, E)) for _ in range(L)]
+    stacks = [(int4(F, D, E, fmt), int4(F, D, E, fmt), int4(D, F, E, fmt)) for _ in range(L)]
     gen = torch.Generator().manual_seed(1)
     pairs = []
     for _ in range(L):
@@ -127,8 +129,8 @@ def moe_tokens_case(threads: int, tokens: int = 32):
                                    len(ids), *rows, _p(x), D, F, _p(y[i]), _p(X), _p(G), _p(U), _p(Y), _p(xp), _p(xs),
                                    1, threads)
         return y.clone()
-    used = {int(e) for ids, _ in pairs for e in ids.unique()}
-    return sweep, L * len(used) // L * sum(w.nbytes for w in stacks[0]) // E
+    used = sum(len(ids.unique()) for ids, _ in pairs)  # each layer reads its own distinct experts
+    return sweep, used * sum(w.nbytes for w in stacks[0]) // E
 
 
 def moe_case(threads: int):
@@ -227,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             for fmt in FLOATS:
                 cases[f"gemv {fmt} {N} x {K}, {M} rows"] = gemv_case(N, K, args.threads, args.sweep_mb * 1e6, M, fmt)
         for M in (m for m in args.rows if 1 < m <= 64):  # a decode batch of M tokens through the experts
-            cases[f"moe_tokens int4, {M} tokens x top-{MOE['k']} of {MOE['E']}, {MOE['layers']} layers"] = \
-                moe_tokens_case(args.threads, M)
+            for fmt in ("int4", "bf16") if args.float else ("int4",):
+                cases[f"moe_tokens {fmt}, {M} tokens x top-{MOE['k']} of {MOE['E']}, {MOE['layers']} layers"] = \
+                    moe_tokens_case(args.threads, M, fmt)
         results = {name: compare(sweep, nbytes, libs, args.rounds, args.allow_different)
                    for name, (sweep, nbytes) in cases.items()}
     res = {"command": "python bench/kernel_ab.py " + " ".join(argv), "base": args.base, "other": str(args.other),
