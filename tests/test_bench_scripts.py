@@ -155,8 +155,9 @@ def test_kernel_ab_times_two_kernel_versions(tmp_path):
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "kernel_ab.json").read_text())
-    assert len(res["cases"]) == 11  # gemv int4: two shapes x two row counts; int8 at 3 rows; moe_token(s); bf16
-    assert "gemv bf16 2560 x 1024, 3 rows" in res["cases"]  # and fp32 at both row counts (--float)
+    assert len(res["cases"]) == 12  # gemv int4: two shapes x two row counts; int8 at 3 rows; moe_token(s); bf16
+    assert "gemv bf16 2560 x 1024, 3 rows" in res["cases"]  # and fp32 at both row counts, bf16 moe_tokens (--float)
+    assert "moe_tokens bf16, 3 tokens x top-6 of 64, 7 layers" in res["cases"]
     for case in res["cases"].values():
         assert case["speed_ratio_median"] > 0 and case["gb_s"]["base"]["median"] > 0
 
