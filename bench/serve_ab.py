@@ -1,15 +1,18 @@
-"""The serving engine with and without the screened greedy head, alternating in one process.
+"""Two serving-engine fast paths, each against the engine without it, alternating in one process.
 
     python bench/serve_ab.py [--model DIR] [--configs bf16,int4,fp32] [--concurrency 8,32] [--rounds 5]
-                             [--threads 2] [--out DIR]
+                             [--parts head,attention] [--threads 2] [--out DIR]
 
-An engine step whose greedy rows need no logits (temperature 0, no logprobs, no penalties) picks their
-tokens with one pass of the int8 screen over the head for all of them (`Engine.sample`,
-`GreedyHead.screen_rows`) instead of computing full logits; this times the same greedy batch (C requests of
-a 16-token prompt and 32 new tokens, all added at once, as `ernie45 bench` measures throughput) both ways on
-one loaded model, round by round (A, then B), so the host's drift hits both alike. Tokens must be equal
-(checked: the screen is exact). Writes serve_ab.json and .md; the ratio is the median over rounds of
-tokens/s with the screened head over tokens/s with full logits.
+- head: an engine step whose greedy rows need no logits (temperature 0, no logprobs, no penalties) picks their
+  tokens with one pass of the int8 screen over the head for all of them (`Engine.sample`,
+  `GreedyHead.screen_rows`); without it, full logits and the sampler.
+- attention: decode steps (one new token per request) attend in one C call over the block tables
+  (`kernels.paged_attention`); without it, each request's blocks gathered into padded tensors and
+  `attend_gqa` (what prefill steps always use).
+Each part times the same greedy batch (C requests of a 16-token prompt and 32 new tokens, all added at once,
+as `ernie45 bench` measures throughput) with and without it on one loaded model, round by round, so the
+host's drift hits both alike. Tokens must be equal for the head (checked: the screen is exact). Writes
+serve_ab.json and .md; the ratio is the median over rounds of tokens/s with the part over tokens/s without.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from ernie45 import engine as engine_module  # noqa: E402
 from ernie45 import fast  # noqa: E402
 from ernie45.bench import DTYPES, touch  # noqa: E402
 from ernie45.engine import Engine  # noqa: E402
+from ernie45.fast import is_accelerated  # noqa: E402
 from ernie45.sampling import SamplingParams  # noqa: E402
 from ernie45.weights import load_model  # noqa: E402
 
 DEFAULT_MODEL = Path("/tmp/ernie45-bench/bench-medium-std0.08")
+PARTS = {"head": "screened greedy head", "attention": "paged decode attention kernel"}
 
 
 def run(model, concurrency: int) -> tuple[dict[str, list[int]], float]:
@@ -45,36 +51,50 @@ def run(model, concurrency: int) -> tuple[dict[str, list[int]], float]:
     return out, sum(map(len, out.values())) / (time.perf_counter() - t0)
 
 
-def measure(model, concurrency: int, rounds: int) -> dict:
+def _toggle(model, part: str):
+    """set(on) for one part: the screened head (model.greedy_head) or the paged decode kernel (the engine
+    asks fast.is_accelerated whether to take it)."""
     head = model.greedy_head
-    rates = {"screened": [], "full_logits": []}
+
+    def set_head(on: bool) -> None:
+        model.greedy_head = head if on else None
+
+    def set_attention(on: bool) -> None:
+        engine_module.is_accelerated = is_accelerated if on else (lambda m: False)
+    return {"head": set_head, "attention": set_attention}[part]
+
+
+def measure(model, concurrency: int, rounds: int, part: str) -> dict:
+    switch = _toggle(model, part)
+    rates = {"with": [], "without": []}
     tokens = {}
     for _ in range(rounds + 1):  # the first round warms both up and is not counted
         for name in rates:
-            model.greedy_head = head if name == "screened" else None
+            switch(name == "with")
             tokens[name], rate = run(model, concurrency)
             rates[name].append(rate)
-    model.greedy_head = head
-    if tokens["screened"] != tokens["full_logits"]:
+    switch(True)
+    if part == "head" and tokens["with"] != tokens["without"]:
         raise SystemExit(f"the screened head chose other tokens than full logits at concurrency {concurrency}")
     rates = {n: r[1:] for n, r in rates.items()}
-    ratios = [a / b for a, b in zip(rates["screened"], rates["full_logits"])]
-    return {"tok_s_median": {n: statistics.median(r) for n, r in rates.items()}, "tok_s": rates,
+    ratios = [a / b for a, b in zip(rates["with"], rates["without"])]
+    return {"part": part, "tok_s_median": {n: statistics.median(r) for n, r in rates.items()}, "tok_s": rates,
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
 
 def report(res: dict) -> str:
-    lines = ["# Serving engine: screened greedy head against full logits", "", f"Command: `{res['command']}`", "",
-             f"Model `{res['model']}`; {res['threads']} threads; {res['rounds']} alternating rounds after a warm-up; "
-             f"load average {res['loadavg']} at the end.", "",
-             "| configuration | concurrent sequences | full logits tok/s (median) | screened head tok/s (median) | "
-             "speed ratio, median (min-max) |", "|---|---|---|---|---|"]
+    lines = ["# Serving engine: its fast paths against the engine without them", "", f"Command: `{res['command']}`",
+             "", f"Model `{res['model']}`; {res['threads']} threads; {res['rounds']} alternating rounds after a "
+             f"warm-up; load average {res['loadavg']} at the end.", "",
+             "| part | configuration | concurrent sequences | without tok/s (median) | with tok/s (median) | "
+             "speed ratio, median (min-max) |", "|---|---|---|---|---|---|"]
     for r in res["cases"]:
         t = r["tok_s_median"]
-        lines.append(f"| {r['config']} | {r['concurrency']} | {t['full_logits']:.1f} | {t['screened']:.1f} | "
-                     f"{r['ratio_median']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |")
+        lines.append(f"| {PARTS[r['part']]} | {r['config']} | {r['concurrency']} | {t['without']:.1f} | "
+                     f"{t['with']:.1f} | {r['ratio_median']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |")
     lines += ["", "Each round runs the same greedy batch (16-token prompts, 32 new tokens each, all requests added at "
-              "once) with full logits, then with the screened head; tokens were identical in every case."]
+              "once) without the part, then with it; with and without the screened head the tokens were identical "
+              "in every case."]
     return "\n".join(lines) + "\n"
 
 
@@ -85,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="bf16,int4,fp32", help="comma-separated: fp32, bf16, int8, int4")
     p.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[8, 32])
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--parts", default="head,attention", help="comma-separated: head, attention")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
@@ -101,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         fast.accelerate(model)
         if getattr(model, "greedy_head", None) is None:
             raise SystemExit("this model has no screened greedy head (kernels unavailable or a small head)")
-        for c in args.concurrency:
-            cases.append({"config": config, "concurrency": c, **measure(model, c, args.rounds)})
-            print(cases[-1]["config"], c, f"{cases[-1]['ratio_median']:.2f}x", flush=True)
+        for part in args.parts.split(","):
+            for c in args.concurrency:
+                cases.append({"config": config, "concurrency": c, **measure(model, c, args.rounds, part)})
+                print(part, config, c, f"{cases[-1]['ratio_median']:.2f}x", flush=True)
         del model
     res = {"command": " ".join(["python bench/serve_ab.py", *argv]), "model": str(args.model),
            "threads": args.threads, "rounds": args.rounds, "loadavg": [round(v, 2) for v in os.getloadavg()],

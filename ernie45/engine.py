@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .attention import attend_gqa
+from .fast import is_accelerated
 from .kv_cache import BlockPool, PagedKVCache, num_blocks_for_bytes, slot_mapping
 from .model import Ernie45ForCausalLM
 from .sampling import Sampler, SamplingParams, TokenLogprobs
@@ -63,17 +65,26 @@ def build_batch(out: SchedulerOutput, block_size: int) -> StepBatch:
 
 
 class PagedAttentionCache:
-    """Implements `AttentionCache` over a `PagedKVCache` for the batch set by the engine."""
+    """Implements `AttentionCache` over a `PagedKVCache` for the batch set by the engine.
+
+    `decode_kernel` (set by the engine each step: a model on the fast path, every request adding one token):
+    attend in one C call over the block tables (kernels.paged_attention) instead of gathering each
+    request's blocks into padded tensors."""
 
     def __init__(self, kv: PagedKVCache):
         self.kv = kv
         self.batch: StepBatch | None = None
+        self.decode_kernel = False
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   positions: torch.Tensor) -> torch.Tensor:
         """q [1,N,Nq,Dh], k/v [1,N,Nkv,Dh] -> [1,N,Nq,Dh]"""
         b = self.batch
         self.kv.write(layer_idx, b.slots, k[0], v[0])
+        if self.decode_kernel and q.dtype == self.kv.dtype and q.device.type == "cpu" and q.shape[-1] % 8 == 0:
+            rows = self.kv.kv[layer_idx].view(2, -1, *self.kv.kv.shape[-2:])  # [2, slots, Nkv, Dh]
+            return kernels.paged_attention(rows[0], rows[1], b.block_tables, self.kv.block_size, b.seq_idx,
+                                           positions[0], q[0])[None]
         keys = self.kv.kv[layer_idx, 0][b.block_tables].flatten(1, 2)  # [R, S, Nkv, Dh]
         values = self.kv.kv[layer_idx, 1][b.block_tables].flatten(1, 2)  # [R, S, Nkv, Dh]
         R, S, T = keys.shape[0], keys.shape[1], int(b.offsets.max()) + 1
@@ -156,6 +167,8 @@ class Engine:
     def sample_hidden(self, batch: StepBatch) -> torch.Tensor | None:
         """The model call of one step without the head: pre-norm hidden [R', D] of the rows that sample."""
         self.cache.batch = batch
+        self.cache.decode_kernel = (is_accelerated(self.model) and kernels.available()
+                                    and not bool(batch.offsets.any()))  # one token per request
         try:
             hidden = self.model.model(batch.input_ids, batch.positions, self.cache)  # [1, N, D]
         finally:

@@ -272,6 +272,11 @@ def accelerate(model: nn.Module, greedy_head: bool = True, decode_step: bool = T
     return model
 
 
+def is_accelerated(model: nn.Module) -> bool:
+    """Whether `accelerate` swapped this model onto the fast path (and `reference` has not undone it)."""
+    return bool(getattr(model.__dict__.get("project"), "fast", False))
+
+
 def _project(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     w = model.head_weight()
     weights = _cached(model, "head", (w,), lambda: plain_weights(w))

@@ -34,6 +34,7 @@ from .moe import Experts, SparseMoeBlock
 from .quant.modules import QuantExperts, QuantWeight
 
 W = kernels.WView
+ModelT = kernels.ModelT
 MAX_EXPERTS = 64  # decode.c keeps the router's scores and choices on the stack
 ROPE_TABLE = 256  # positions per cached cos/sin block
 
@@ -45,13 +46,6 @@ class LayerT(ctypes.Structure):
                 ("F", ctypes.c_int), ("router", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("E", ctypes.c_int),
                 ("topk", ctypes.c_int), ("shared", ctypes.c_int), ("sgate", W), ("sup", W), ("sdown", W),
                 ("Fs", ctypes.c_int), ("kcache", ctypes.c_void_p), ("vcache", ctypes.c_void_p)]
-
-
-class ModelT(ctypes.Structure):
-    _fields_ = [("D", ctypes.c_int), ("Nq", ctypes.c_int), ("Nkv", ctypes.c_int), ("Dh", ctypes.c_int),
-                ("layers", ctypes.c_int), ("bf16", ctypes.c_int), ("max_f", ctypes.c_int), ("max_h", ctypes.c_int),
-                ("eps", ctypes.c_float),
-                ("norm_min", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
 class Unsupported(Exception):

@@ -106,7 +106,7 @@ def _screened_head_model(path: Path) -> None:
     save_checkpoint(init_random(build_model(cfg, torch.bfloat16), std=0.08), path)
 
 
-def test_serve_ab_times_the_engine_with_and_without_the_screened_head(tmp_path):
+def test_serve_ab_times_the_engine_with_and_without_its_fast_paths(tmp_path):
     _kernels_or_skip()
     _screened_head_model(tmp_path / "model")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -115,10 +115,11 @@ def test_serve_ab_times_the_engine_with_and_without_the_screened_head(tmp_path):
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "serve_ab.json").read_text())
-    assert [(c["config"], c["concurrency"]) for c in res["cases"]] == [("bf16", 3), ("int4", 3)]
+    assert [(c["part"], c["config"]) for c in res["cases"]] == [("head", "bf16"), ("attention", "bf16"),
+                                                                ("head", "int4"), ("attention", "int4")]
     for case in res["cases"]:
         assert case["ratio_median"] > 0 and min(case["tok_s_median"].values()) > 0
-    assert "| int4 | 3 |" in (tmp_path / "serve_ab.md").read_text()
+    assert "| paged decode attention kernel | int4 | 3 |" in (tmp_path / "serve_ab.md").read_text()
 
 
 def test_decode_profile_splits_a_token_into_every_part(tmp_path):

@@ -288,14 +288,21 @@ def test_fast_quantized_matches_reference_path(scheme):
 
 
 @needs_kernels
-def test_engine_on_fast_path_equals_reference_generate():
-    model = tiny_model(seed=7)
-    prompts = {"a": [5, 6, 7], "b": [9, 8, 7, 6, 5, 4, 3], "c": [1]}
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_on_fast_path_equals_reference_generate(dtype, monkeypatch):
+    """The engine on the fast path (decode steps attend through kernels.paged_attention over the block
+    tables, prefill steps through attend_gqa) generates the reference's greedy tokens."""
+    model = _keep_fp32(tiny_model(dtype, seed=7))
+    prompts = {"a": [5, 6, 7], "b": [9, 8, 7, 6, 5, 4, 3] * 3, "c": [1]}  # "b" spans several 16-slot blocks
     want = {k: generate(model, v, GenerationConfig(max_new_tokens=10, stop_token_ids=())) for k, v in prompts.items()}
+    calls = []
+    paged = kernels.paged_attention
+    monkeypatch.setattr(kernels, "paged_attention", lambda *a: calls.append(a[-1].shape[0]) or paged(*a))
     fast.accelerate(model)
     got = Engine(model, kv_cache_bytes=4 << 20).generate(prompts, SamplingParams(temperature=0, max_tokens=10,
                                                                                  ignore_eos=True))
     assert got == want
+    assert calls and max(calls) == 3  # every layer of every decode step, all three requests together
 
 
 @needs_kernels

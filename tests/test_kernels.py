@@ -240,6 +240,40 @@ def test_head_screen_rows_give_each_row_the_one_row_screen(R, K):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_is_the_gathered_attention(dtype):
+    """One decode row per sequence over scattered blocks of a paged pool (block size 4, contexts of 1 to 13
+    positions, GQA 4/2) against attend_gqa on each sequence's gathered keys."""
+    from ernie45.attention import attend_gqa
+
+    gen = torch.Generator().manual_seed(4)
+    Nq, Nkv, Dh, bs, blocks = 4, 2, 16, 4, 24
+    k_rows = torch.randn(blocks * bs, Nkv, Dh, generator=gen).to(dtype)
+    v_rows = torch.randn(blocks * bs, Nkv, Dh, generator=gen).to(dtype)
+    lens = [1, 13, 4, 7]
+    perm = torch.randperm(blocks, generator=gen)
+    tables = torch.zeros(len(lens), 4, dtype=torch.long)
+    used = 0
+    for r, n in enumerate(lens):
+        nb = -(-n // bs)
+        tables[r, :nb] = perm[used:used + nb]
+        used += nb
+    seq, pos = torch.tensor([2, 0, 3, 1]), torch.tensor([lens[2] - 1, lens[0] - 1, lens[3] - 1, lens[1] - 1])
+    q = torch.randn(4, Nq, Dh, generator=gen).to(dtype)
+    got = kernels.paged_attention(k_rows, v_rows, tables, bs, seq, pos, q)
+    for n in range(4):
+        r, p = int(seq[n]), int(pos[n])
+        slots = tables[r, torch.arange(p + 1) // bs] * bs + torch.arange(p + 1) % bs
+        want = attend_gqa(q[n][None, None], k_rows[slots][None], v_rows[slots][None], pos[n].view(1, 1),
+                          torch.arange(p + 1)[None])[0, 0]
+        # summation order (and expf against torch's exp) only: fp32 to ~1e-6, bf16 to one rounding step
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+        torch.testing.assert_close(got[n], want, **tol)
+    with pytest.raises(ValueError, match="same dtype"):
+        kernels.paged_attention(k_rows.float(), v_rows.float(), tables, bs, seq, pos, q.bfloat16())
+
+
+@needs_kernels
 @pytest.mark.skipif(kernels.isa() == "avx2", reason="this CPU has no AVX-512 VNNI: only the AVX2 build runs here")
 def test_avx512_vnni_and_avx2_builds_agree_bit_for_bit(tmp_path):
     """The VNNI dot products sum the same integers in the same int32 lanes as the AVX2 ones (gemv.c)."""

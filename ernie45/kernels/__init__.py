@@ -46,6 +46,12 @@ class WView(ctypes.Structure):
                 ("sld", ctypes.c_long), ("kind", ctypes.c_int), ("group", ctypes.c_int)]
 
 
+class ModelT(ctypes.Structure):  # decode.c's model_t
+    _fields_ = [("D", ctypes.c_int), ("Nq", ctypes.c_int), ("Nkv", ctypes.c_int), ("Dh", ctypes.c_int),
+                ("layers", ctypes.c_int), ("bf16", ctypes.c_int), ("max_f", ctypes.c_int), ("max_h", ctypes.c_int),
+                ("eps", ctypes.c_float), ("norm_min", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
 _flags: frozenset[str] | None = None
 
 
@@ -124,6 +130,7 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("decode.c's phases and kernels.DECODE_PHASES disagree")
     handle.ernie45_head_screen.restype = ctypes.c_float
     handle.ernie45_head_screen_rows.restype = None
+    handle.ernie45_paged_attention.restype = None
     handle.ernie45_head_candidates.restype = ctypes.c_long
     handle.ernie45_head_exact.restype = ctypes.c_long
     handle.ernie45_rms_norm.restype = None
@@ -383,6 +390,31 @@ def head_candidates(a: torch.Tensor, b: torch.Tensor, floor: float, out: torch.T
     idx = out if out is not None else torch.empty(a.numel(), dtype=torch.long)
     count = _require().ernie45_head_candidates(_ptr(a), _ptr(b), ctypes.c_float(floor), a.numel(), _ptr(idx))
     return idx[:count]
+
+
+def paged_attention(k_rows: torch.Tensor, v_rows: torch.Tensor, tables: torch.Tensor, block_size: int,
+                    seq: torch.Tensor, pos: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """One query token per row attending its sequence's positions 0..pos through a paged K/V pool:
+    q [N, Nq, Dh] (fp32 or bf16), one layer's k_rows/v_rows [slots, Nkv, Dh] in q's dtype (this step's K/V
+    already written), tables [R, MB] block ids per sequence, seq [N] each row's sequence, pos [N] its
+    position -> [N, Nq, Dh] in q's dtype: attention.attend_gqa's result up to summation order (the math
+    of the one-call decode step, decode.c: attend_head). Dh % 8 == 0."""
+    N, Nq, Dh = q.shape
+    Nkv = k_rows.shape[1]
+    bf16 = q.dtype == torch.bfloat16
+    if q.dtype not in (torch.float32, torch.bfloat16) or k_rows.dtype != q.dtype or v_rows.dtype != q.dtype:
+        raise ValueError(f"paged_attention takes fp32 or bf16 q and K/V of the same dtype, got {q.dtype}, "
+                         f"{k_rows.dtype}, {v_rows.dtype}")
+    m = ModelT(0, Nq, Nkv, Dh, 0, int(bf16), 0, 0, 0.0, 0.0, Dh ** -0.5)
+    q32, out = q.float().contiguous(), torch.empty(N, Nq * Dh)
+    tables, seq, pos = (t.to(torch.long).contiguous() for t in (tables, seq, pos))
+    threads = torch.get_num_threads()
+    max_pos = int(pos.max())
+    sc = torch.empty(threads * (max_pos + 1))
+    _require().ernie45_paged_attention(ctypes.byref(m), _ptr(k_rows), _ptr(v_rows), _ptr(tables), tables.shape[1],
+                                       block_size, _ptr(seq), _ptr(pos), N, _ptr(q32), _ptr(out), _ptr(sc), max_pos,
+                                       threads)
+    return out.view(N, Nq, Dh).to(q.dtype)
 
 
 def rms_norm(weight: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -133,14 +133,20 @@ static float dot_act(int bf16, const float *a, const void *b, long off, int n) {
     return d;
 }
 
-/* Attention of query head j over positions 0..pos for one layer (called per head, work-shared). */
-static void attend_head(const model_t *m, const layer_t *L, const float *q, int j, int pos, float *sc, float *out) {
+/* Where position s of a sequence sits in a layer's K/V rows: s itself in a contiguous cache (table NULL), or
+ * slot table[s / bs] * bs + s % bs of a paged one (the engine's block table of that sequence). */
+static inline long kv_slot(const long *table, int bs, int s) { return table ? table[s / bs] * bs + s % bs : s; }
+
+/* Attention of query head j over positions 0..pos for one layer (called per head, work-shared); keys and
+ * values at L->kcache / L->vcache, contiguous or through a block table (kv_slot). */
+static void attend_head(const model_t *m, const layer_t *L, const float *q, int j, int pos, float *sc, float *out,
+                        const long *table, int bs) {
     const int G = m->Nq / m->Nkv, kvh = j / G, Dh = m->Dh;
     const float scale = m->scale;
     const float *qj = q + (long)j * Dh;
     float mx = -INFINITY;
     for (int s = 0; s <= pos; s++) {
-        float d = dot_act(m->bf16, qj, L->kcache, ((long)s * m->Nkv + kvh) * Dh, Dh);
+        float d = dot_act(m->bf16, qj, L->kcache, (kv_slot(table, bs, s) * m->Nkv + kvh) * Dh, Dh);
         d = rnd(m->bf16, rnd(m->bf16, d) * scale);
         sc[s] = d;
         if (d > mx) mx = d;
@@ -151,7 +157,7 @@ static void attend_head(const model_t *m, const layer_t *L, const float *q, int 
     float *oj = out + (long)j * Dh;
     for (int i = 0; i < Dh; i++) oj[i] = 0.f;
     for (int s = 0; s <= pos; s++) {  /* oj += p_s * v_s: independent lanes, the same order per element */
-        const long base = ((long)s * m->Nkv + kvh) * Dh;
+        const long base = (kv_slot(table, bs, s) * m->Nkv + kvh) * Dh;
         const __m256 p = _mm256_set1_ps(sc[s]);
         int i = 0;
         for (; i + 8 <= Dh; i += 8) {
@@ -162,6 +168,26 @@ static void attend_head(const model_t *m, const layer_t *L, const float *q, int 
         for (; i < Dh; i++) oj[i] += sc[s] * load_act(m->bf16, L->vcache, base + i);
     }
     for (int i = 0; i < Dh; i++) oj[i] = rnd(m->bf16, oj[i]);
+}
+
+/* Decode attention of a serving step over the engine's paged K/V pool (one layer's K and V rows
+ * [slots, Nkv, Dh] in the activation dtype, this step's K/V already written): query row n (q [N, Nq*Dh]
+ * fp32, holding activation-dtype values) of sequence seq[n] at position pos[n] attends that sequence's
+ * positions 0..pos[n] through its block table (tables [R, mb]). The math and rounding points of
+ * attention.attend_gqa (as the one-call decode step). out [N, Nq*Dh]; sc: threads * (max_pos + 1) floats. */
+void ernie45_paged_attention(const model_t *m, const void *kpool, const void *vpool, const long *tables, int mb,
+                             int bs, const long *seq, const long *pos, int N, const float *q, float *out, float *sc,
+                             int max_pos, int threads) {
+    layer_t L;
+    memset(&L, 0, sizeof(L));
+    L.kcache = (void *)kpool, L.vcache = (void *)vpool;
+    const int qd = m->Nq * m->Dh;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int t = 0; t < N * m->Nq; t++) {
+        const int n = t / m->Nq, j = t % m->Nq;
+        attend_head(m, &L, q + (long)n * qd, j, (int)pos[n], sc + (long)omp_get_thread_num() * (max_pos + 1),
+                    out + (long)n * qd, tables + seq[n] * mb, bs);
+    }
 }
 
 /* Router for one token (moe.Router + select_experts): ids ascending, coef in the activation dtype. */
@@ -232,7 +258,7 @@ void ernie45_decode(const model_t *m, const layer_t *layers, float *x, int pos, 
         }
         mark(ck, P_ROPE_KV);
 #pragma omp for schedule(static)
-        for (int j = 0; j < m->Nq; j++) attend_head(m, L, q, j, pos, sc + (long)j * (pos + 1), att);
+        for (int j = 0; j < m->Nq; j++) attend_head(m, L, q, j, pos, sc + (long)j * (pos + 1), att, NULL, 0);
         mark(ck, P_ATTEND);
         linear(m, &L->o, att, qd, D, o, xp, xs);
 #pragma omp single
