@@ -5,7 +5,9 @@ flattened into a single row `[1, N]` (decodes and prefill chunks mixed), + one b
 The model sees the paged cache only through `PagedAttentionCache.attention` (attention.py's one
 method): it writes this step's K/V into the requests' slots, gathers each request's blocks into a
 padded `[R, S, Nkv, Dh]` view and runs grouped-query attention (`attend_gqa`) with position masks — no
-Python loop over requests or tokens inside the model call. Only the rows that need a token go through the LM
+Python loop over requests or tokens inside the model call. With the model on the fast path, a step where
+every request adds one token attends in one C call over the block tables instead (kernels.paged_attention).
+Only the rows that need a token go through the LM
 head; greedy rows that need no logits (no logprobs, no penalties) take the fast path's exact screened argmax
 (greedy_head.py) together, when the model has one, instead of full logits.
 
