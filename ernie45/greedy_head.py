@@ -100,7 +100,14 @@ class GreedyHead:
         out = torch.empty(x.shape[0], dtype=torch.long)
         if self.integer and x.shape[0] > 1:
             for start in range(0, x.shape[0], kernels.SCREEN_RMAX):
-                a, bound, floors = self.screen_rows(x32[start:start + kernels.SCREEN_RMAX])
+                rows = slice(start, start + kernels.SCREEN_RMAX)
+                a, bound, floors = self.screen_rows(x32[rows])
+                if self.rows is not None:  # candidates and exact rows in C, the rows spread over the threads
+                    out[rows] = kernels.head_pick_rows(a, bound, floors, self.rows, x[rows], MAX_CANDIDATES)
+                    for i in (out[rows] < 0).nonzero().flatten().tolist():  # too many could win: the full head
+                        self.full_heads += 1
+                        out[start + i] = torch.argmax(F.linear(x[start + i], self.weight))
+                    continue
                 for i in range(a.shape[0]):
                     out[start + i] = self._pick(x[start + i], a[i], bound[i], float(floors[i]))
             return out

@@ -241,6 +241,28 @@ def test_head_screen_rows_give_each_row_the_one_row_screen(R, K):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_pick_rows_is_candidates_then_exact_per_row(dtype):
+    """Rows spread over the threads give each row what head_candidates + head_exact give it alone, and -1
+    where a row has more candidates than allowed."""
+    gen = torch.Generator().manual_seed(23)
+    R, N, K = 9, 301, 64
+    w = torch.randn(N, K, generator=gen).to(dtype)
+    x = torch.randn(R, K, generator=gen)
+    a, b = torch.randn(R, N, generator=gen), torch.rand(R, N, generator=gen) * 3
+    floors = (a - b).amax(1)
+    weights = kernels.Weights(dtype, w, K)
+    counts = [int(kernels.head_candidates(a[r], b[r], float(floors[r])).numel()) for r in range(R)]
+    limit = sorted(counts)[R // 2]  # about half the rows over it
+    got = kernels.head_pick_rows(a, b, floors, weights, x, limit)
+    for r in range(R):
+        cand = kernels.head_candidates(a[r], b[r], float(floors[r]))
+        want = kernels.head_exact(weights, cand, x[r]) if cand.numel() <= limit else -1
+        assert int(got[r]) == want, r
+    assert (got == -1).any() and (got >= 0).any()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_is_the_gathered_attention(dtype):
     """One decode row per sequence over scattered blocks of a paged pool (block size 4, contexts of 1 to 13
     positions, GQA 4/2) against attend_gqa on each sequence's gathered keys."""

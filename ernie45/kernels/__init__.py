@@ -131,6 +131,7 @@ def _build() -> ctypes.CDLL:
     handle.ernie45_head_screen.restype = ctypes.c_float
     handle.ernie45_head_screen_rows.restype = None
     handle.ernie45_paged_attention.restype = None
+    handle.ernie45_head_pick_rows.restype = None
     handle.ernie45_head_candidates.restype = ctypes.c_long
     handle.ernie45_head_exact.restype = ctypes.c_long
     handle.ernie45_rms_norm.restype = None
@@ -382,6 +383,22 @@ def head_screen_rows(q: torch.Tensor, scale: torch.Tensor, abs_q: torch.Tensor, 
                                         _ptr(xq), _ptr(axq), _ptr(ux), _ptr(sx32), _ptr(l1), _ptr(half), ctypes.c_float(slack), K, N, R,
                                         _ptr(a), _ptr(b), _ptr(floors), torch.get_num_threads())
     return a, b, floors
+
+
+def head_pick_rows(a: torch.Tensor, b: torch.Tensor, floors: torch.Tensor, w: Weights, x: torch.Tensor,
+                   max_candidates: int) -> torch.Tensor:
+    """Per row r of a screened batch (a, b [R, N], floors [R] from head_screen_rows): head_candidates and
+    head_exact on the fp32/bf16 head w for x[r] (x [R, K]), rows spread over the threads -> token ids [R]
+    (int64), -1 where more than max_candidates rows could win."""
+    R, N = a.shape
+    x = x.float().contiguous()
+    tokens = torch.empty(R, dtype=torch.long)
+    idx = torch.empty(torch.get_num_threads() * N, dtype=torch.long)
+    _require().ernie45_head_pick_rows(_ptr(a), _ptr(b), _ptr(floors.contiguous()), R, N,
+                                      ctypes.c_void_p(w.data.data_ptr()), ctypes.c_long(w.view.ld), w.kind, _ptr(x),
+                                      x.shape[1], ctypes.c_long(max_candidates), _ptr(idx), _ptr(tokens),
+                                      torch.get_num_threads())
+    return tokens
 
 
 def head_candidates(a: torch.Tensor, b: torch.Tensor, floor: float, out: torch.Tensor | None = None) -> torch.Tensor:

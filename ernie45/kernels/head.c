@@ -256,3 +256,35 @@ void ernie45_head_screen_rows(const int8_t *w, long ld, const float *s, const fl
     }
 }
 
+
+/* The rest of the greedy head for R rows screened together (ernie45_head_screen_rows): for each row r, the
+ * candidates of (a[r], b[r], floors[r]) and, when there are at most max_candidates, the first of them with the
+ * largest exact logit x[r] . w_row (rounded to bf16 first for a bf16 head, kind 0 fp32 or 1 bf16, row stride
+ * ld bytes): ernie45_head_candidates then ernie45_head_exact on that row, with the rows shared among the
+ * threads instead of one row's candidates. tokens[r] = -1 where more rows could win (the caller runs the
+ * full head there). x [R, K] fp32; a, b [R, N]; idx: scratch of threads * N longs. */
+void ernie45_head_pick_rows(const float *a, const float *b, const float *floors, int R, int N, const void *w, long ld,
+                            int kind, const float *x, int K, long max_candidates, long *idx, long *tokens,
+                            int threads) {
+    const wview v = {w, ld, 0, 0, 0, kind, 0};
+#pragma omp parallel num_threads(threads)
+    {
+        long *mine = idx + (long)omp_get_thread_num() * N;
+#pragma omp for schedule(dynamic, 1)
+        for (int r = 0; r < R; r++) {
+            const long count = ernie45_head_candidates(a + (long)r * N, b + (long)r * N, floors[r], N, mine);
+            long best = -1;
+            float top = -INFINITY;
+            if (count > max_candidates) {
+                tokens[r] = -1;
+                continue;
+            }
+            for (long i = 0; i < count; i++) {  /* ascending rows: a tie keeps the earlier one */
+                float d = dot_plain(&v, mine[i], x + (long)r * K, K);
+                if (kind == 1) d = round_bf16(d);
+                if (best < 0 || d > top) best = mine[i], top = d;
+            }
+            tokens[r] = best;
+        }
+    }
+}
