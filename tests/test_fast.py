@@ -174,13 +174,15 @@ def test_one_row_rms_norm_in_c_matches_the_module(dtype):
 def test_accelerate_swaps_classes_and_reference_restores():
     model = tiny_model()
     names = [n for n, _ in model.named_parameters()]
+    assert not fast.is_accelerated(model)
     fast.accelerate(model)
+    assert fast.is_accelerated(model)  # the engine's paged decode attention kernel follows this
     assert isinstance(model.model.layers[0].self_attn.q_proj, fast.FastLinear)
     assert isinstance(model.model.layers[1].mlp.experts, fast.FastExperts)
     assert [n for n, _ in model.named_parameters()] == names  # checkpoint names unchanged
     fast.reference(model)
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
-    assert "project" not in model.__dict__
+    assert "project" not in model.__dict__ and not fast.is_accelerated(model)
 
 
 @needs_kernels
