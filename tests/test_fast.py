@@ -300,10 +300,10 @@ def test_engine_on_fast_path_equals_reference_generate(dtype, monkeypatch):
     calls = []
     paged = kernels.paged_attention
     monkeypatch.setattr(kernels, "paged_attention", lambda *a: calls.append(a[-1].shape[0]) or paged(*a))
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    assert Engine(model, kv_cache_bytes=4 << 20).generate(prompts, params) == want and not calls  # reference modules
     fast.accelerate(model)
-    got = Engine(model, kv_cache_bytes=4 << 20).generate(prompts, SamplingParams(temperature=0, max_tokens=10,
-                                                                                 ignore_eos=True))
-    assert got == want
+    assert Engine(model, kv_cache_bytes=4 << 20).generate(prompts, params) == want
     assert calls and max(calls) == 3  # every layer of every decode step, all three requests together
 
 
