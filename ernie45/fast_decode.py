@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
@@ -196,8 +195,7 @@ class Decoder:
                                   norm_weight, xn, xq, head, head.slack, MAX_CANDIDATES)
         self._written(pos, cache)
         if out < 0:  # too many rows could win (or a non-finite hidden state): the full head decides
-            head.full_heads += 1
-            out = int(torch.argmax(F.linear(xn.to(self.dtype), head.weight)))
+            out = head.full(xn.to(self.dtype))
         return out
 
 

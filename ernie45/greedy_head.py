@@ -48,9 +48,9 @@ class GreedyHead:
         self.rows = kernels.Weights(weight.dtype, weight.detach(), D) if exact_in_c else None  # no copy
         self._buffers = (torch.empty(V), torch.empty(V), torch.empty(V, dtype=torch.long)) if self.integer else None
         self.abs_q = self.q.abs().sum(1, dtype=torch.int32).float()  # [V] sum_k |q_rk|
+        self.q_sum = self.q.sum(1, dtype=torch.int32)  # [V] sum_k q_rk (screen_rows' unsigned offset)
         self.full_heads = 0  # rows that fell back to the whole head (diagnostics)
         self._row_buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # a, b of screen_rows
-        self._q_sum: torch.Tensor | None = None  # [V] int32, made on the first screen_rows
 
     @property
     def slack(self) -> float:
@@ -88,9 +88,7 @@ class GreedyHead:
         l1_half = torch.tensor([0.5 * float(row.abs().sum()) for row in x], dtype=torch.float64)
         if self._row_buffers is None or self._row_buffers[0].numel() < R * V:
             self._row_buffers = (torch.empty(R * V), torch.empty(R * V))
-        if self._q_sum is None:
-            self._q_sum = self.q.sum(1, dtype=torch.int32)  # [V] each row's sum of codes
-        return kernels.head_screen_rows(self.q, self.scale, self.abs_q, self._q_sum, xq, sx, l1_half, self.slack,
+        return kernels.head_screen_rows(self.q, self.scale, self.abs_q, self.q_sum, xq, sx, l1_half, self.slack,
                                         out=self._row_buffers)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,9 +102,8 @@ class GreedyHead:
                 a, bound, floors = self.screen_rows(x32[rows])
                 if self.rows is not None:  # candidates and exact rows in C, the rows spread over the threads
                     out[rows] = kernels.head_pick_rows(a, bound, floors, self.rows, x[rows], MAX_CANDIDATES)
-                    for i in (out[rows] < 0).nonzero().flatten().tolist():  # too many could win: the full head
-                        self.full_heads += 1
-                        out[start + i] = torch.argmax(F.linear(x[start + i], self.weight))
+                    for i in (out[rows] < 0).nonzero().flatten().tolist():  # too many could win
+                        out[start + i] = self.full(x[start + i])
                     continue
                 for i in range(a.shape[0]):
                     out[start + i] = self._pick(x[start + i], a[i], bound[i], float(floors[i]))
@@ -121,12 +118,16 @@ class GreedyHead:
         cand = kernels.head_candidates(a, bound, floor, out=self._buffers[2]) if self.integer \
             else torch.nonzero(a + bound >= floor).flatten()  # ascending row ids
         if cand.numel() > MAX_CANDIDATES:
-            self.full_heads += 1
-            return int(torch.argmax(F.linear(x, self.weight)))
+            return self.full(x)
         if self.rows is not None:  # the same logits (rounded to the head dtype) in C, no row gather
             return kernels.head_exact(self.rows, cand, x)
         exact = F.linear(x, self.weight[cand])  # [C] in the head dtype, as the reference rounds
         return int(cand[torch.argmax(exact)])
+
+    def full(self, x: torch.Tensor) -> int:
+        """The whole head's argmax for x [D], where too many rows could win the screen."""
+        self.full_heads += 1
+        return int(torch.argmax(F.linear(x, self.weight)))
 
 
 def _round_int8(x: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -29,7 +29,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("decode.c")  # includes gemv.c, moe.c, head.c: one library
 SOURCES = (SOURCE, *(Path(__file__).with_name(f) for f in ("gemv.c", "moe.c", "head.c")))
@@ -44,12 +43,6 @@ _reason: str | None = None
 class WView(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("ld", ctypes.c_long), ("s", ctypes.c_void_p), ("z", ctypes.c_void_p),
                 ("sld", ctypes.c_long), ("kind", ctypes.c_int), ("group", ctypes.c_int)]
-
-
-class ModelT(ctypes.Structure):  # decode.c's model_t
-    _fields_ = [("D", ctypes.c_int), ("Nq", ctypes.c_int), ("Nkv", ctypes.c_int), ("Dh", ctypes.c_int),
-                ("layers", ctypes.c_int), ("bf16", ctypes.c_int), ("max_f", ctypes.c_int), ("max_h", ctypes.c_int),
-                ("eps", ctypes.c_float), ("norm_min", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
 _flags: frozenset[str] | None = None
@@ -315,143 +308,6 @@ DECODE_PHASES = ("norm_qkv", "rope_kv_write", "attention", "o_proj_norm", "route
                  "experts_down", "shared_gate_up", "shared_down", "dense_gate_up", "dense_down", "residual")
 
 
-def decode(model_t, layers, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor,
-           scratch: torch.Tensor, prof: torch.Tensor | None = None) -> None:
-    """One token through every layer described by `layers` (fast_decode.py builds them); x [D] in place.
-
-    prof: float64 [len(DECODE_PHASES)] or None; when given, each phase's wall seconds (summed over layers,
-    as thread 0 sees them between barriers) are added to it."""
-    if prof is not None and (prof.dtype != torch.float64 or prof.numel() != len(DECODE_PHASES)):
-        raise ValueError(f"prof must be float64 [{len(DECODE_PHASES)}] (kernels.DECODE_PHASES)")
-    _require().ernie45_decode(model_t, layers, _ptr(x), int(pos), _ptr(cos), _ptr(sin), _ptr(scratch),
-                              torch.get_num_threads(), None if prof is None else _ptr(prof))
-
-
-def greedy_step(model_t, layers, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor,
-                scratch: torch.Tensor, prof: torch.Tensor | None, norm_weight: torch.Tensor, xn: torch.Tensor,
-                xq: torch.Tensor, head, slack: float, max_candidates: int) -> int:
-    """`decode`, then the final RMSNorm into xn [D] (fp32) and the exact greedy head `head` (a
-    greedy_head.GreedyHead with C rows; xq [D] int8 scratch) in the same call: the token id, or -1 when
-    more than max_candidates rows could win (run the full head on xn then)."""
-    V = head.q.shape[0]
-    a, b, idx = head._buffers
-    return int(_require().ernie45_greedy_step(
-        model_t, layers, _ptr(x), int(pos), _ptr(cos), _ptr(sin), _ptr(scratch), torch.get_num_threads(),
-        None if prof is None else _ptr(prof), _ptr(norm_weight), _ptr(xn), _ptr(xq), _ptr(head.q),
-        ctypes.c_long(head.q.stride(0)), _ptr(head.scale), _ptr(head.abs_q), V, ctypes.c_float(slack),
-        ctypes.c_void_p(head.rows.data.data_ptr()), ctypes.c_long(head.rows.view.ld), head.rows.kind, _ptr(a), _ptr(b),
-        _ptr(idx), ctypes.c_long(max_candidates)))
-
-
-def head_screen(q: torch.Tensor, scale: torch.Tensor, abs_q: torch.Tensor, xq: torch.Tensor, sx: float,
-                l1_half: float, slack: float, out: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Screened logits of an int8 head q [N, K] (scale [N], sum |q| per row abs_q [N]) for the int8
-    activation xq [K] (scale sx): (a [N], bound b [N], max(a - b)) as gemv.c's ernie45_head_screen
-    defines them (l1_half = ||x||_1 / 2; slack: relative fp32 slack). K % 32 == 0. `out`: reusable a, b
-    (a fresh 400 KB buffer per token costs its page faults)."""
-    N, K = q.shape
-    a, b = out if out is not None else (torch.empty(N), torch.empty(N))
-    floor = _require().ernie45_head_screen(_ptr(q), ctypes.c_long(q.stride(0)), _ptr(scale), _ptr(abs_q), _ptr(xq),
-                                           ctypes.c_float(sx), ctypes.c_float(l1_half), ctypes.c_float(sx / 2),
-                                           ctypes.c_float(slack), K, N, _ptr(a), _ptr(b), torch.get_num_threads())
-    return a, b, float(floor)
-
-
-SCREEN_RMAX = 64  # head.c's SCREEN_RMAX
-SCREEN_TILE = 8  # head.c's SCREEN_TILE
-
-
-def head_screen_rows(q: torch.Tensor, scale: torch.Tensor, abs_q: torch.Tensor, q_sum: torch.Tensor, xq: torch.Tensor,
-                     sx: torch.Tensor, l1_half: torch.Tensor, slack: float, out: tuple[torch.Tensor, torch.Tensor] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """head_screen for R activation rows xq [R, K] (scales sx [R], l1_half [R]) in one pass over the int8
-    head (q_sum [N] int32: each head row's sum of codes): (a [R, N], b [R, N], floors [R]), each row bit-identical to head_screen on it alone. R <= 64.
-    `out`: reusable a, b of at least R * N elements."""
-    N, K = q.shape
-    R = xq.shape[0]
-    if R > SCREEN_RMAX:
-        raise ValueError(f"head_screen_rows takes at most {SCREEN_RMAX} rows, got {R}")
-    a, b = (o.view(-1)[:R * N].view(R, N) for o in out) if out is not None else (torch.empty(R, N), torch.empty(R, N))
-    floors = torch.empty(R)
-    xq = F.pad(xq, (0, 0, 0, -R % SCREEN_TILE))  # head.c sums whole tiles of rows; zero rows pad the last
-    axq = xq.abs()  # |xq| <= 127 fits int8; head.c reads it as unsigned bytes (AVX2 build)
-    ux = (xq.to(torch.int16) + 128).to(torch.uint8)  # xq + 128, unsigned (VNNI build)
-    sx32, l1 = sx.float().contiguous(), l1_half.float().contiguous()
-    half = (sx32 / 2).contiguous()
-    _require().ernie45_head_screen_rows(_ptr(q), ctypes.c_long(q.stride(0)), _ptr(scale), _ptr(abs_q), _ptr(q_sum),
-                                        _ptr(xq), _ptr(axq), _ptr(ux), _ptr(sx32), _ptr(l1), _ptr(half), ctypes.c_float(slack), K, N, R,
-                                        _ptr(a), _ptr(b), _ptr(floors), torch.get_num_threads())
-    return a, b, floors
-
-
-def head_pick_rows(a: torch.Tensor, b: torch.Tensor, floors: torch.Tensor, w: Weights, x: torch.Tensor,
-                   max_candidates: int) -> torch.Tensor:
-    """Per row r of a screened batch (a, b [R, N], floors [R] from head_screen_rows): head_candidates and
-    head_exact on the fp32/bf16 head w for x[r] (x [R, K]), rows spread over the threads -> token ids [R]
-    (int64), -1 where more than max_candidates rows could win."""
-    R, N = a.shape
-    x = x.float().contiguous()
-    tokens = torch.empty(R, dtype=torch.long)
-    idx = torch.empty(torch.get_num_threads() * N, dtype=torch.long)
-    _require().ernie45_head_pick_rows(_ptr(a), _ptr(b), _ptr(floors.contiguous()), R, N,
-                                      ctypes.c_void_p(w.data.data_ptr()), ctypes.c_long(w.view.ld), w.kind, _ptr(x),
-                                      x.shape[1], ctypes.c_long(max_candidates), _ptr(idx), _ptr(tokens),
-                                      torch.get_num_threads())
-    return tokens
-
-
-def head_candidates(a: torch.Tensor, b: torch.Tensor, floor: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Ascending row ids n with a[n] + b[n] >= floor (int64), as torch.nonzero would give them; `out`: a
-    reusable int64 buffer of a's size."""
-    idx = out if out is not None else torch.empty(a.numel(), dtype=torch.long)
-    count = _require().ernie45_head_candidates(_ptr(a), _ptr(b), ctypes.c_float(floor), a.numel(), _ptr(idx))
-    return idx[:count]
-
-
-def paged_attention(k_rows: torch.Tensor, v_rows: torch.Tensor, tables: torch.Tensor, block_size: int,
-                    seq: torch.Tensor, pos: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """One query token per row attending its sequence's positions 0..pos through a paged K/V pool:
-    q [N, Nq, Dh] (fp32 or bf16), one layer's k_rows/v_rows [slots, Nkv, Dh] in q's dtype (this step's K/V
-    already written), tables [R, MB] block ids per sequence, seq [N] each row's sequence, pos [N] its
-    position -> [N, Nq, Dh] in q's dtype: attention.attend_gqa's result up to summation order (the math
-    of the one-call decode step, decode.c: attend_head). Dh % 8 == 0."""
-    N, Nq, Dh = q.shape
-    Nkv = k_rows.shape[1]
-    bf16 = q.dtype == torch.bfloat16
-    if q.dtype not in (torch.float32, torch.bfloat16) or k_rows.dtype != q.dtype or v_rows.dtype != q.dtype:
-        raise ValueError(f"paged_attention takes fp32 or bf16 q and K/V of the same dtype, got {q.dtype}, "
-                         f"{k_rows.dtype}, {v_rows.dtype}")
-    m = ModelT(0, Nq, Nkv, Dh, 0, int(bf16), 0, 0, 0.0, 0.0, Dh ** -0.5)
-    q32, out = q.float().contiguous(), torch.empty(N, Nq * Dh)
-    tables, seq, pos = (t.to(torch.long).contiguous() for t in (tables, seq, pos))
-    threads = torch.get_num_threads()
-    max_pos = int(pos.max())
-    sc = torch.empty(threads * (max_pos + 1))
-    _require().ernie45_paged_attention(ctypes.byref(m), _ptr(k_rows), _ptr(v_rows), _ptr(tables), tables.shape[1],
-                                       block_size, _ptr(seq), _ptr(pos), N, _ptr(q32), _ptr(out), _ptr(sc), max_pos,
-                                       threads)
-    return out.view(N, Nq, Dh).to(q.dtype)
-
-
-def rms_norm(weight: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """layers.RMSNorm of one row x [D] with weight [D] (both fp32 or both bf16) -> [D] in that dtype."""
-    bf16 = weight.dtype == torch.bfloat16
-    x32 = x.float().contiguous()
-    out = torch.empty(x32.numel())
-    _require().ernie45_rms_norm(_ptr(weight), _ptr(x32), x32.numel(), ctypes.c_float(eps), int(bf16), _ptr(out))
-    return out.to(weight.dtype)
-
-
-def head_exact(w: Weights, idx: torch.Tensor, x: torch.Tensor) -> int:
-    """The first of rows idx (ascending int64) of the fp32/bf16 head w with the largest logit x . w_row,
-    logits rounded to bf16 first for a bf16 head; torch.argmax(F.linear(x, w[idx])) up to dot order."""
-    x = x.float().contiguous()
-    return int(_require().ernie45_head_exact(ctypes.c_void_p(w.data.data_ptr()), ctypes.c_long(w.view.ld), w.kind,
-                                             _ptr(idx), ctypes.c_long(idx.numel()), _ptr(x), x.numel(),
-                                             torch.get_num_threads()))
-
-
 def moe_tokens(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, tok: torch.Tensor, coef: torch.Tensor,
                x: torch.Tensor, bf16: bool) -> torch.Tensor:
     """(token, expert, weight) pairs [P] sorted by expert then token -> fp32 [T, D] = sum of weighted experts.
@@ -481,3 +337,10 @@ def moe_tokens(gate: Weights, up: Weights, down: Weights, ids: torch.Tensor, tok
                                   _ptr(X), _ptr(G), _ptr(U), _ptr(Y), _ptr(xp), _ptr(xs), int(bf16),
                                   torch.get_num_threads())
     return y
+
+
+# The calls into decode.c (the one-call step, paged attention, one-row norm) and head.c (the exact greedy
+# head) live in their own modules; re-exported here.
+from .decode_step import ModelT, decode, greedy_step, paged_attention, rms_norm  # noqa: E402,F401
+from .head import (SCREEN_RMAX, SCREEN_TILE, head_candidates, head_exact, head_pick_rows,  # noqa: E402,F401
+                   head_screen, head_screen_rows)
